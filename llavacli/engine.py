@@ -1,0 +1,315 @@
+"""One loaded model: a text GGUF and its mmproj, run by llama.cpp through llama-cpp-python and libmtmd.
+
+The engine keeps one conversation in llama.cpp's KV cache. `feed()` evaluates new prompt text and images
+after what is already there, `generate()` samples the answer and leaves it in the cache too, so a chat turn
+costs only its own tokens.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from gguf import Keys
+from PIL import Image
+
+from llavacli import backend
+from llavacli.errors import BackendError, InputError, ModelError
+from llavacli.ggufmeta import (
+    IMAGE_MODE_KEY,
+    TEMPLATE_KEY,
+    mmproj_output_length,
+    read_gguf,
+    text_embedding_length,
+)
+from llavacli.images import PAD, preprocess
+from llavacli.prompts import DEFAULT_TEMPLATE, IMAGE
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0: greedy, as LLaVA's evaluation decodes
+    top_p: float = 0.95
+    seed: int = 0
+    max_tokens: int = 512
+    grammar: str | None = None  # a JSON schema (as text) the answer must satisfy
+
+
+@dataclass
+class Usage:
+    generated_tokens: int = 0
+    stopped_by: str = ""  # "eos", "length" or "context"
+    token_ids: list[int] = field(default_factory=list)  # the sampled tokens, end-of-sequence included
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Path,
+        mmproj: Path,
+        *,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        n_gpu_layers: int = -1,
+        vision_offload: bool = True,
+        verbose: bool = False,
+    ):
+        import llama_cpp
+        from llama_cpp import mtmd_cpp
+
+        self._llama_cpp, self._mtmd = llama_cpp, mtmd_cpp
+        text_info = read_gguf(model, "model")
+        proj_info = read_gguf(mmproj, "mmproj")
+        _check_pair(text_info, proj_info)
+        self.model_path, self.mmproj_path = Path(model), Path(mmproj)
+        self.template_name = text_info.get(TEMPLATE_KEY) or DEFAULT_TEMPLATE
+        self.image_size = int(proj_info.get(Keys.ClipVision.IMAGE_SIZE))
+        self.image_mode = proj_info.get(IMAGE_MODE_KEY) or PAD
+        mmproj_to_load = backend.runnable_mmproj(proj_info)
+
+        backend.capture_logs(verbose)
+        threads = n_threads or max(1, os.cpu_count() or 1)
+        try:
+            self.llama = llama_cpp.Llama(
+                model_path=str(model),
+                n_ctx=n_ctx,
+                n_batch=min(n_ctx, 2048),
+                n_ubatch=min(n_ctx, 2048),
+                n_threads=threads,
+                n_threads_batch=threads,
+                n_gpu_layers=n_gpu_layers,
+                verbose=verbose,
+            )
+        except ValueError:
+            raise ModelError(f"llama.cpp could not load model {model}: {backend.last_error()}") from None
+        backend.capture_logs(verbose)  # Llama() installs its own logger; ours wins again
+
+        params = mtmd_cpp.mtmd_context_params_default()
+        params.use_gpu = bool(vision_offload and n_gpu_layers != 0)
+        params.n_threads = threads
+        params.print_timings = verbose
+        params.warmup = False
+        self._mctx = mtmd_cpp.mtmd_init_from_file(str(mmproj_to_load).encode(), self.llama.model, params)
+        if not self._mctx:
+            self.llama.close()
+            raise ModelError(f"llama.cpp could not load mmproj {mmproj}: {backend.last_error()}")
+        self._marker = mtmd_cpp.mtmd_default_marker().decode()
+        self.n_past = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if getattr(self, "_mctx", None):
+            self._mtmd.mtmd_free(self._mctx)
+            self._mctx = None
+        if getattr(self, "llama", None) is not None:
+            self.llama.close()
+            self.llama = None
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def n_ctx(self) -> int:
+        return self.llama.n_ctx()
+
+    def reset(self) -> None:
+        """Forget the conversation: clear the KV cache."""
+        self.llama.reset()
+        self.llama._ctx.kv_cache_clear()
+        self.n_past = 0
+
+    # -- images ----------------------------------------------------------------------------------------
+
+    def prepare(self, img: Image.Image) -> Image.Image:
+        """LLaVA's preprocessing at this mmproj's input size, as the checkpoint was trained."""
+        return preprocess(img, self.image_size, self.image_mode)
+
+    def _bitmap(self, img: Image.Image):
+        rgb = np.ascontiguousarray(np.asarray(self.prepare(img), dtype=np.uint8))
+        buf = (ctypes.c_uint8 * rgb.size).from_buffer_copy(rgb.tobytes())
+        bitmap = self._mtmd.mtmd_bitmap_init(rgb.shape[1], rgb.shape[0], buf)
+        if not bitmap:
+            raise BackendError("llama.cpp could not take the image")
+        return bitmap
+
+    def _tokenize(self, text: str, images: list[Image.Image]):
+        """mtmd chunks for prompt text in which each IMAGE stands for one of `images`, in order."""
+        if text.count(IMAGE) != len(images):
+            raise InputError(f"the prompt marks {text.count(IMAGE)} images but {len(images)} were given")
+        bitmaps = [self._bitmap(img) for img in images]
+        chunks = self._mtmd.mtmd_input_chunks_init()
+        try:
+            encoded = text.replace(IMAGE, self._marker).encode()
+            inp = self._mtmd.mtmd_input_text()
+            inp.text = encoded
+            inp.text_len = len(encoded)
+            inp.add_special = self.n_past == 0  # BOS only at the very start of the context
+            inp.parse_special = True  # "</s>" between turns is the EOS token, as in training
+            array = (self._mtmd.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
+            rc = self._mtmd.mtmd_tokenize(self._mctx, chunks, ctypes.byref(inp), array, len(bitmaps))
+            if rc != 0:
+                self._mtmd.mtmd_input_chunks_free(chunks)
+                raise BackendError(f"llama.cpp could not tokenize the prompt (code {rc}): {backend.last_error()}")
+            return chunks
+        finally:
+            for bitmap in bitmaps:
+                self._mtmd.mtmd_bitmap_free(bitmap)
+
+    def _chunks(self, chunks):
+        mtmd = self._mtmd
+        for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+            chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+            if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                n = ctypes.c_size_t()
+                ptr = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+                yield chunk, [ptr[j] for j in range(n.value)]
+            else:
+                yield chunk, None
+
+    def image_embeddings(self, img: Image.Image) -> np.ndarray:
+        """The projector's output for one image: [n_image_tokens, n_embd], what the LLM receives."""
+        chunks = self._tokenize(IMAGE, [img])
+        try:
+            for chunk, tokens in self._chunks(chunks):
+                if tokens is None:
+                    if self._mtmd.mtmd_encode_chunk(self._mctx, chunk) != 0:
+                        raise BackendError(f"llama.cpp failed to encode the image: {backend.last_error()}")
+                    n = self._mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+                    embd = self._mtmd.mtmd_get_output_embd(self._mctx)
+                    return np.ctypeslib.as_array(embd, shape=(n * self.llama.n_embd(),)).reshape(n, -1).copy()
+        finally:
+            self._mtmd.mtmd_input_chunks_free(chunks)
+        raise BackendError("llama.cpp produced no image chunk")
+
+    # -- prompt and generation -------------------------------------------------------------------------
+
+    def tokens_of(self, text: str) -> list[int]:
+        """Text tokens exactly as feed() would produce them for text without images at this position."""
+        chunks = self._tokenize(text, [])
+        try:
+            return [t for _, toks in self._chunks(chunks) for t in (toks or [])]
+        finally:
+            self._mtmd.mtmd_input_chunks_free(chunks)
+
+    def feed(self, text: str, images: list[Image.Image] = ()) -> int:
+        """Evaluate prompt text (IMAGE marks each image) after what the context holds; returns its tokens."""
+        chunks = self._tokenize(text, list(images))
+        try:
+            needed = self._mtmd.mtmd_helper_get_n_pos(chunks)
+            if self.n_past + needed > self.n_ctx:
+                raise BackendError(
+                    f"the prompt needs {self.n_past + needed} tokens but the context holds {self.n_ctx}; "
+                    "shorten it or raise --ctx-size"
+                )
+            for chunk, tokens in self._chunks(chunks):
+                if tokens is not None:
+                    self._eval_tokens(tokens)
+                else:
+                    self._eval_image_chunk(chunk)
+            return needed
+        finally:
+            self._mtmd.mtmd_input_chunks_free(chunks)
+
+    def _eval_tokens(self, tokens: list[int]) -> None:
+        if not tokens:
+            return
+        try:
+            self.llama.eval(tokens)
+        except RuntimeError as e:
+            raise BackendError(f"llama.cpp failed to evaluate the prompt: {e}") from None
+        self.n_past = self.llama.n_tokens
+
+    def _eval_image_chunk(self, chunk) -> None:
+        new_n_past = self._llama_cpp.llama_pos(0)
+        rc = self._mtmd.mtmd_helper_eval_chunk_single(
+            self._mctx, self.llama.ctx, chunk, self.n_past, 0, self.llama.n_batch, False, ctypes.byref(new_n_past)
+        )
+        if rc != 0:
+            raise BackendError(f"llama.cpp failed to evaluate the image (code {rc}): {backend.last_error()}")
+        self.n_past = self.llama.n_tokens = new_n_past.value
+
+    def logits(self) -> np.ndarray:
+        """Next-token logits after the last feed()."""
+        ptr = self._llama_cpp.llama_get_logits_ith(self.llama.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.llama.n_vocab(),)).copy()
+
+    def _sampler(self, s: Sampling):
+        from llama_cpp import llama_grammar
+        from llama_cpp._internals import LlamaSampler
+
+        sampler = LlamaSampler()
+        if s.grammar is not None:
+            try:
+                grammar = llama_grammar.LlamaGrammar.from_json_schema(s.grammar, verbose=False)
+            except Exception as e:
+                raise InputError(f"--schema cannot be turned into a grammar: {e}") from None
+            sampler.add_grammar(self.llama._model, grammar)
+        if s.temperature <= 0:
+            sampler.add_greedy()
+        else:
+            sampler.add_top_p(s.top_p, 1)
+            sampler.add_temp(s.temperature)
+            sampler.add_dist(s.seed & 0xFFFFFFFF)
+        return sampler
+
+    def generate(self, sampling: Sampling = Sampling(), usage: Usage | None = None) -> Iterator[str]:
+        """Sample the answer token by token, yielding text as soon as it is valid UTF-8.
+
+        Every sampled token but the end-of-sequence one is evaluated, so the context holds the answer.
+        """
+        usage = usage if usage is not None else Usage()
+        sampler = self._sampler(sampling)
+        eos = self.llama.token_eos()
+        pending = b""
+        usage.stopped_by = "length"
+        for _ in range(sampling.max_tokens):
+            token = sampler.sample(self.llama._ctx, -1)
+            usage.token_ids.append(token)
+            if token == eos or self._llama_cpp.llama_vocab_is_eog(self.llama._model.vocab, token):
+                usage.stopped_by = "eos"
+                break
+            usage.generated_tokens += 1
+            pending += self.llama.detokenize([token], special=False)
+            text = _complete_utf8(pending)
+            if text:
+                pending = pending[len(text.encode()) :]
+                yield text
+            if self.n_past + 1 > self.n_ctx:
+                usage.stopped_by = "context"
+                break
+            self._eval_tokens([token])
+        if pending:
+            yield pending.decode("utf-8", errors="replace")
+
+
+def _complete_utf8(data: bytes) -> str:
+    """The longest prefix of data that is whole UTF-8 characters."""
+    for cut in range(len(data), max(-1, len(data) - 4), -1):
+        try:
+            return data[:cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+    return data.decode("utf-8", errors="replace")
+
+
+def _check_pair(text_info, proj_info) -> None:
+    if text_info.architecture == "clip":
+        raise ModelError(f"model {text_info.path} is an mmproj (vision) file; pass it as --mmproj")
+    if proj_info.architecture != "clip":
+        raise ModelError(
+            f"mmproj {proj_info.path} is a text model ({proj_info.architecture or 'unknown'}), not an mmproj"
+        )
+    want, have = text_embedding_length(text_info), mmproj_output_length(proj_info)
+    if want != have:
+        raise ModelError(
+            f"mmproj {proj_info.path.name} makes {have}-wide image features but model {text_info.path.name} "
+            f"takes {want}: they are not a pair"
+        )

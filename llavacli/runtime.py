@@ -1,0 +1,87 @@
+"""From command-line options to a loaded engine: model resolution, the backend check, and a spinner."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from llavacli.errors import InputError
+from llavacli.prompts import Template, get_template
+
+stderr = Console(stderr=True, highlight=False)
+
+
+@dataclass
+class ModelOptions:
+    model: str | None = None
+    mmproj: Path | None = None
+    ctx_size: int = 4096
+    threads: int | None = None
+    gpu_layers: str = "auto"
+    vision_offload: bool = True
+    verbose: bool = False
+
+
+def parse_gpu_layers(value: str) -> int:
+    """auto = everything that fits the backend (all layers; 0 on a CPU-only build), else a count."""
+    if value == "auto":
+        return -1
+    try:
+        n = int(value)
+    except ValueError:
+        raise InputError(f"--gpu-layers must be auto or a number, not {value!r}") from None
+    if n < 0:
+        raise InputError(f"--gpu-layers must be auto or a number >= 0, not {value!r}")
+    return n
+
+
+def warn(message: str) -> None:
+    stderr.print(f"[yellow]llava: warning:[/] {message}", soft_wrap=True)
+
+
+@contextlib.contextmanager
+def status(message: str):
+    """A spinner on a terminal's stderr; nothing when stderr is a pipe or a file."""
+    if sys.stderr.isatty():
+        with stderr.status(message):
+            yield
+    else:
+        yield
+
+
+def check_backend() -> None:
+    from llavacli import backend
+
+    verdict = backend.conformance()
+    if not verdict.conformant:
+        warn(f"this llama.cpp build is {verdict.describe()}. Fix: {backend.FIX_HINT}")
+
+
+def open_engine(opts: ModelOptions):
+    from llavacli.engine import Engine
+    from llavacli.models import resolve_model
+
+    n_gpu_layers = parse_gpu_layers(opts.gpu_layers)
+    text, mmproj = resolve_model(opts.model, opts.mmproj)
+    with status(f"loading {Path(text).name}"):
+        check_backend()
+        return Engine(
+            Path(text),
+            Path(mmproj),
+            n_ctx=opts.ctx_size,
+            n_threads=opts.threads,
+            n_gpu_layers=n_gpu_layers,
+            vision_offload=opts.vision_offload,
+            verbose=opts.verbose,
+        )
+
+
+def pick_template(name: str | None, engine) -> Template:
+    try:
+        return get_template(name or engine.template_name)
+    except ValueError as e:
+        raise InputError(str(e)) from None
