@@ -155,16 +155,17 @@ class Verdict:
         )
 
 
-def measure_conformance() -> Verdict:
+def measure_conformance(directory: Path = CONFORMANCE_DIR, mmproj: Path | None = None) -> Verdict:
     """Encode the shipped test image with the shipped tiny model; compare with transformers' features."""
     import numpy as np
     from PIL import Image
 
     from llavacli.engine import Engine
 
-    ref = np.load(CONFORMANCE_DIR / "reference.npy")
-    with Engine(CONFORMANCE_DIR / "tiny.gguf", CONFORMANCE_DIR / "tiny.mmproj.gguf", n_ctx=256, n_gpu_layers=0) as eng:
-        got = eng.image_embeddings(Image.open(CONFORMANCE_DIR / "image.png"))
+    ref = np.load(directory / "reference.npy")
+    mmproj = mmproj or directory / "tiny.mmproj.gguf"
+    with Engine(directory / "tiny.gguf", mmproj, n_ctx=256, n_gpu_layers=0) as eng:
+        got = eng.image_embeddings(Image.open(directory / "image.png"))
     cos = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
     mean_cos, min_cos = float(cos.mean()), float(cos.min())
     return Verdict(mean_cos >= CONFORMANCE_MIN_MEAN_COS, mean_cos, min_cos, build_fingerprint())

@@ -10,8 +10,12 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-import click
 import typer
+
+try:  # typer 0.2x carries its own copy of click; its exceptions are the ones raised
+    from typer._click import exceptions as clickx
+except ImportError:  # older typer runs on click itself
+    from click import exceptions as clickx
 
 from llavacli.errors import InputError, LlavaError
 
@@ -21,6 +25,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -36,7 +41,17 @@ SeedOpt = typer.Option(0, "--seed", help="Random seed: the same seed and options
 MaxTokensOpt = typer.Option(512, "--max-tokens", "-n", min=1, help="Most tokens to generate per answer.")
 CtxOpt = typer.Option(4096, "--ctx-size", "-c", min=64, help="Context length in tokens (image tokens count: 576 per LLaVA-1.5 image).")
 ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads. Default: all cores.", show_default=False)
-GpuLayersOpt = typer.Option("auto", "--gpu-layers", help="LLM layers to offload to the GPU: auto (all that the build can), a number, or 0 for CPU only.")
+def _check_gpu_layers(value: str) -> str:
+    from llavacli.runtime import parse_gpu_layers
+
+    try:
+        parse_gpu_layers(value)
+    except InputError as e:
+        raise clickx.BadParameter(str(e).split(": ", 1)[-1], param_hint="--gpu-layers") from None
+    return value
+
+
+GpuLayersOpt = typer.Option("auto", "--gpu-layers", callback=_check_gpu_layers, help="LLM layers to offload to the GPU: auto (all that the build can), a number, or 0 for CPU only.")
 NoVisionOffloadOpt = typer.Option(False, "--no-vision-offload", help="Run the vision encoder on the CPU even when a GPU is available.")
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Show llama.cpp's log on stderr.")
 
@@ -99,10 +114,10 @@ def ask(
     *sources, prompt = args
     if images_from is not None:
         if "-" in sources and images_from == "-":
-            raise click.UsageError("stdin cannot carry both an image (-) and the image list (--images-from -)")
+            raise clickx.UsageError("stdin cannot carry both an image (-) and the image list (--images-from -)")
         sources += read_image_list(images_from)
     if sources.count("-") > 1:
-        raise click.UsageError("stdin (-) can be given as an image only once")
+        raise clickx.UsageError("stdin (-) can be given as an image only once")
     sampling = Sampling(temperature, top_p, seed, max_tokens, _read_schema(schema) if schema else None)
     labelled = len(sources) > 1 or images_from is not None
     # One lone image is read before the model loads, so a bad path fails fast.
@@ -188,7 +203,7 @@ def convert(
     from llavacli.runtime import stderr
 
     if outtype not in OUTTYPES:
-        raise click.BadParameter(f"{outtype!r} is not one of {', '.join(OUTTYPES)}", param_hint="--outtype")
+        raise clickx.BadParameter(f"{outtype!r} is not one of {', '.join(OUTTYPES)}", param_hint="--outtype")
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
     with Progress(*columns, console=stderr, transient=False, disable=not sys.stderr.isatty()) as progress:
         outputs = run_convert(src, out_dir, outtype, vision_tower=vision_tower, name=name, force=force, progress=progress)
@@ -255,15 +270,18 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     verbose = "-v" in argv or "--verbose" in argv
     try:
-        app(args=argv, prog_name="llava", standalone_mode=False)
-        return 0
-    except click.exceptions.Exit as e:
+        rc = app(args=argv, prog_name="llava", standalone_mode=False)
+        return rc if isinstance(rc, int) else 0
+    except typer.Exit as e:
         return e.exit_code
-    except click.UsageError as e:
+    except clickx.NoArgsIsHelpError as e:
+        print(e.ctx.get_help() if e.ctx else e.format_message())
+        return 0
+    except clickx.UsageError as e:
         hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx else ""
         print(f"llava: error: {e.format_message()}{hint}", file=sys.stderr)
         return 2
-    except click.Abort:
+    except typer.Abort:
         print("", file=sys.stderr)
         return 130
     except KeyboardInterrupt:

@@ -142,7 +142,8 @@ def decode_image(data: bytes, source: str) -> LoadedImage:
             img = ImageOps.exif_transpose(img)
         except Exception:  # damaged EXIF: keep the pixels as stored
             pass
-    return LoadedImage(source, img.convert("RGB"), digest, fmt)
+        rgb = img.convert("RGB")  # as LLaVA reads images; inside the block to silence palette warnings
+    return LoadedImage(source, rgb, digest, fmt)
 
 
 def read_image_list(source: str, *, stdin: BinaryIO | None = None) -> list[str]:
@@ -151,7 +152,10 @@ def read_image_list(source: str, *, stdin: BinaryIO | None = None) -> list[str]:
     if source == STDIN:
         stream = stdin if stdin is not None else sys.stdin.buffer
         if _isatty(stream):
-            raise InputError(f"{where}: standard input is a terminal; pipe the list in, e.g. find . -name '*.jpg' | llava ask --images-from - ...")
+            raise InputError(
+                f"{where}: standard input is a terminal; pipe the list in, e.g. "
+                "find . -name '*.jpg' | llava ask --images-from - ..."
+            )
         data = stream.read()
     else:
         try:
@@ -200,7 +204,9 @@ def _read_file(source: str) -> bytes:
 def _read_stdin(stream: BinaryIO) -> bytes:
     where = "image <stdin>"
     if _isatty(stream):
-        raise InputError(f"{where}: standard input is a terminal; pipe the image in, e.g. cat photo.jpg | llava ask - ...")
+        raise InputError(
+            f"{where}: standard input is a terminal; pipe the image in, e.g. cat photo.jpg | llava ask - ..."
+        )
     data = stream.read(MAX_IMAGE_BYTES + 1)
     if not data:
         raise InputError(f"{where}: no bytes on standard input")
@@ -284,11 +290,13 @@ def _not_an_image(data: bytes) -> str:
     for magic, name in _SIGNATURES:
         if head.startswith(magic):
             return f"unsupported format: {name} (supported: {SUPPORTED_FORMATS})"
-    if head[4:8] == b"ftyp":  # ISO media: HEIC from phones, or video
+    if head[4:8] == b"ftyp":  # ISO media: HEIC photos from phones, or video
+        if head[8:12] in (b"heic", b"heix", b"heim", b"heis", b"hevc", b"mif1", b"msf1"):
+            return f"unsupported format: a HEIC/HEIF photo; convert it to JPEG (supported: {SUPPORTED_FORMATS})"
         brand = head[8:12].decode("ascii", "replace").strip()
-        return f"unsupported format: ISO media '{brand}', e.g. HEIC (supported: {SUPPORTED_FORMATS})"
+        return f"unsupported format: ISO media '{brand}', e.g. a video (supported: {SUPPORTED_FORMATS})"
     if head.lstrip().startswith((b"<svg", b"<?xml")):
-        return f"unsupported format: SVG/XML, a vector drawing; convert it to PNG first (supported: {SUPPORTED_FORMATS})"
+        return f"unsupported format: SVG, a vector drawing; convert it to PNG (supported: {SUPPORTED_FORMATS})"
     if _looks_like_text(data[:4096]):
         return "not an image (it is a text file)"
     return f"not an image, or a format we do not read (supported: {SUPPORTED_FORMATS})"

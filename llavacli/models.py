@@ -147,7 +147,8 @@ def pull(name: str, *, verify: bool = True) -> tuple[Path, Path]:
     if verify:
         for filename, sha256 in _files(preset):
             path = cached_path(preset, filename)
-            if path is not None and sha256 and _sha256(path) != sha256:
+            expected = path and (sha256 or _sha256_named_by_blob(path))
+            if expected and _sha256(path) != expected:
                 print(f"{preset.name}: cached {filename} is damaged; downloading it again", file=sys.stderr)
                 _discard(path)
     return preset_paths(preset, download=True)
@@ -239,7 +240,7 @@ def _download(preset: Preset, filename: str, sha256: str | None) -> Path:
         raise ModelError(f"{where}: HTTP {e.response.status_code}") from None
     except OSError as e:  # a size mismatch after retries, a full disk
         raise ModelError(f"{where}: download failed ({_first_line(e)})") from None
-    except Exception as e:  # httpx errors that outlast huggingface_hub's retries
+    except Exception as e:  # the HTTP client's own errors (its library differs across huggingface_hub versions)
         raise ModelError(f"{where}: download failed ({type(e).__name__}: {_first_line(e)})") from None
     # Without a checksum of our own, the Hub's: an LFS file's ETag, which names its blob, is its sha256.
     expected = sha256 or _sha256_named_by_blob(path)
@@ -280,12 +281,12 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0]
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
+def _size(n: float) -> str:
+    units = ("B", "kB", "MB", "GB")
+    i = 0
+    while n >= 1000 and i < len(units) - 1:
+        n, i = n / 1000, i + 1
+    return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
 
 
 # --- `llava models ...` ----------------------------------------------------------------------------------

@@ -140,7 +140,7 @@ BAD_FILES = {
     "too many pixels": ("big.png", png_claiming(9000, 9000), "9000x9000 is 81.0 megapixels, over the limit"),
     "decompression bomb": ("bomb.png", png_claiming(30000, 30000), "too many pixels"),
     "PDF": ("doc.jpg", b"%PDF-1.7\n%...", "unsupported format: a PDF document"),
-    "HEIC": ("phone.heic", b"\x00\x00\x00\x18ftypheic" + bytes(16), "unsupported format: ISO media 'heic'"),
+    "HEIC": ("phone.heic", b"\x00\x00\x00\x18ftypheic" + bytes(16), "unsupported format: a HEIC/HEIF photo"),
     "SVG": ("logo.png", b'<svg xmlns="http://www.w3.org/2000/svg"/>', "unsupported format: SVG"),
     "ICO": ("icon.ico", None, "unsupported format: an icon (ICO) file"),
     "random bytes": ("noise.png", bytes(range(256)) * 4, "not an image, or a format we do not read"),
