@@ -58,14 +58,21 @@ class ChatSession:
         self.transcript.clear()
         self.pending.clear()
 
-    def turn(self, text: str) -> Exchange:
-        """Feed one user message and stream the answer; Ctrl-C keeps what was answered so far."""
+    def turn(self, text: str) -> Exchange | None:
+        """Feed one user message and stream the answer.
+
+        Ctrl-C while the message is read forgets it; Ctrl-C during the answer keeps what was answered.
+        """
         start = time.perf_counter()
         prompt = self.template.opening(self.system) if self.engine.n_past == 0 else self.template.end_of_answer
         images = [p.image for p in self.pending]
         prompt += self.template.question(text, len(images))
         exchange = Exchange(text, [p.source for p in self.pending])
-        n_prompt = self.engine.feed(prompt, images)  # raises BackendError when the context is full
+        try:
+            n_prompt = self.engine.feed(prompt, images)  # raises BackendError when the context is full
+        except KeyboardInterrupt:
+            self.out.write("[stopped]\n")
+            return None
         self.pending.clear()
         self.transcript.append(exchange)
         usage = Usage()
@@ -172,7 +179,7 @@ class ChatSession:
         while True:
             label = f"[{len(self.pending)} image{'s' if len(self.pending) != 1 else ''}] " if self.pending else ""
             try:
-                line = session.prompt(f"{label}> ")
+                line = session.prompt(f"{label}llava> ")
             except KeyboardInterrupt:
                 continue
             except EOFError:

@@ -7,8 +7,11 @@ costs only its own tokens.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -200,23 +203,37 @@ class Engine:
             self._mtmd.mtmd_input_chunks_free(chunks)
 
     def feed(self, text: str, images: list[Image.Image] = ()) -> int:
-        """Evaluate prompt text (IMAGE marks each image) after what the context holds; returns its tokens."""
-        chunks = self._tokenize(text, list(images))
+        """Evaluate prompt text (IMAGE marks each image) after what the context holds; returns its tokens.
+
+        Interrupted (Ctrl-C), it leaves the context as it was before the call.
+        """
+        start = self.n_past
         try:
-            needed = self._mtmd.mtmd_helper_get_n_pos(chunks)
-            if self.n_past + needed > self.n_ctx:
-                raise BackendError(
-                    f"the prompt needs {self.n_past + needed} tokens but the context holds {self.n_ctx}; "
-                    "shorten it or raise --ctx-size"
-                )
-            for chunk, tokens in self._chunks(chunks):
-                if tokens is not None:
-                    self._eval_tokens(tokens)
-                else:
-                    self._eval_image_chunk(chunk)
-            return needed
-        finally:
-            self._mtmd.mtmd_input_chunks_free(chunks)
+            with _deferred_ctrl_c():
+                chunks = self._tokenize(text, list(images))
+                try:
+                    needed = self._mtmd.mtmd_helper_get_n_pos(chunks)
+                    if self.n_past + needed > self.n_ctx:
+                        raise BackendError(
+                            f"the prompt needs {self.n_past + needed} tokens but the context holds {self.n_ctx}; "
+                            "shorten it or raise --ctx-size"
+                        )
+                    for chunk, tokens in self._chunks(chunks):
+                        if tokens is not None:
+                            self._eval_tokens(tokens)
+                        else:
+                            self._eval_image_chunk(chunk)
+                    return needed
+                finally:
+                    self._mtmd.mtmd_input_chunks_free(chunks)
+        except KeyboardInterrupt:
+            self.truncate(start)
+            raise
+
+    def truncate(self, n_past: int) -> None:
+        """Drop everything after the first n_past positions from the context."""
+        self.llama._ctx.kv_cache_seq_rm(-1, n_past, -1)
+        self.llama.n_tokens = self.n_past = n_past
 
     def _eval_tokens(self, tokens: list[int]) -> None:
         if not tokens:
@@ -271,7 +288,8 @@ class Engine:
         pending = b""
         usage.stopped_by = "length"
         for _ in range(sampling.max_tokens):
-            token = sampler.sample(self.llama._ctx, -1)
+            with _deferred_ctrl_c():
+                token = sampler.sample(self.llama._ctx, -1)
             usage.token_ids.append(token)
             if token == eos or self._llama_cpp.llama_vocab_is_eog(self.llama._model.vocab, token):
                 usage.stopped_by = "eos"
@@ -285,9 +303,30 @@ class Engine:
             if self.n_past + 1 > self.n_ctx:
                 usage.stopped_by = "context"
                 break
-            self._eval_tokens([token])
+            with _deferred_ctrl_c():
+                self._eval_tokens([token])
         if pending:
             yield pending.decode("utf-8", errors="replace")
+
+
+@contextlib.contextmanager
+def _deferred_ctrl_c():
+    """Hold Ctrl-C until llama.cpp returns, then raise KeyboardInterrupt here.
+
+    llama.cpp calls back into Python to log while it decodes; a KeyboardInterrupt raised inside such a
+    ctypes callback is printed and dropped, so Ctrl-C would be lost. The handler only takes note.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed = []
+    previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
 
 
 def _complete_utf8(data: bytes) -> str:

@@ -45,12 +45,20 @@ def warn(message: str) -> None:
 
 @contextlib.contextmanager
 def status(message: str):
-    """A spinner on a terminal's stderr; nothing when stderr is a pipe or a file."""
-    if sys.stderr.isatty():
-        with stderr.status(message):
-            yield
-    else:
+    """A transient note on a terminal's stderr while something loads; nothing on a pipe or file.
+
+    Not rich's spinner: its refresh thread leaves Ctrl-C unanswered for the rest of the process.
+    """
+    tty = sys.stderr.isatty()
+    if tty:
+        sys.stderr.write(f"{message}…")
+        sys.stderr.flush()
+    try:
         yield
+    finally:
+        if tty:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
 
 
 def check_backend() -> None:

@@ -131,7 +131,7 @@ def test_a_closed_pipe_ends_quietly(pair, images):
 
 def test_ctrl_c_exits_130_without_a_traceback(pair, images):
     proc = subprocess.Popen(
-        [str(LLAVA), "ask", str(images["square"]), PROMPT, "-m", str(pair[0]), "-n", "4000", "-c", "4096", "--temperature", "1"],
+        [str(LLAVA), "ask", str(images["square"]), PROMPT, "-m", str(pair[0]), "-n", "3000", "-c", "4096"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     proc.stdout.read(1)  # generation has started

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,9 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM, LlamaTokenizer
 
-from tinymodels import Shape, _text_config, make_clip_tower, train_sentencepiece
+from llavacli.prompts import Turn, get_template
+from tinymodels import WORDS, Shape, _text_config, make_clip_tower
+from train.miniature.language import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = Shape(image_size=56)  # 4 x 4 patches: 16 image tokens keep CPU steps fast
@@ -26,13 +29,25 @@ IMAGE_TOKENS = (SHAPE.image_size // SHAPE.patch_size) ** 2
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
 
 
+def _documents() -> list[str]:
+    """Text for the tokenizer: the words of the tiny models, and conversations in the vicuna_v1 template, so that
+    pieces such as "▁USER" exist as they do in LLaMA's vocabulary (the system prompt's trailing space then joins
+    the role: an edge inside a token, which the labels must not depend on)."""
+    rng = random.Random(0)
+    template = get_template("vicuna_v1")
+    sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + rng.choice(".?!") for _ in range(2000)]
+    talks = [template.render([Turn(sentences[i], i % 2, sentences[i + 1])]) for i in range(0, 400, 2)]
+    return sentences + talks
+
+
 def base_models(root: Path) -> tuple[Path, Path]:
-    """(llm_dir, clip_dir): a LLaMA with a SentencePiece tokenizer that adds BOS like Vicuna's, and a CLIP tower."""
+    """(llm_dir, clip_dir): a LLaMA with a SentencePiece tokenizer like Vicuna's (LLaMA's conventions, identity
+    normalisation, BOS added), and a CLIP tower."""
     llm, clip = root / "llm", root / "clip"
     if (llm / "config.json").exists() and (clip / "config.json").exists():
         return llm, clip
     spm_dir = root / "spm"
-    train_sentencepiece(spm_dir)
+    train_tokenizer(spm_dir, _documents(), vocab=512)
     tok = LlamaTokenizer.from_pretrained(spm_dir, add_bos_token=True, legacy=False)
     torch.manual_seed(0)
     model = LlamaForCausalLM(_text_config(SHAPE, len(tok), None)).eval()

@@ -5,6 +5,8 @@ write their own shards) plus trainer_state.json. It is written to a hidden tempo
 place only once complete, so a run killed at any moment leaves either the whole checkpoint or none: the next run
 with the same command (resume=auto) continues from the newest complete one. Frozen weights are left out (the
 base models hold them), so a stage-1 checkpoint is the projector and its optimizer state, not the whole LLM.
+With several nodes, output_dir must be on a filesystem they all see: every process writes its part, the first
+renames.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from train.config import STAGES, TrainError, describe_keys, load
+from train.config import STAGES, SampleError, TrainError, describe_keys, load
 
 USAGE = """\
 usage: llava train pretrain CONFIG [key=value ...]    stage 1: train the projector (template plain)
@@ -110,8 +110,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"llava train: usage error: {e} (llava train --help)", file=sys.stderr)
         return 2
     except TrainError as e:
-        if _is_main_process():
-            print(f"llava train: error: {e}", file=sys.stderr)
+        # Every process meets the same config, data and model errors: the first one says it. A sample that fails
+        # mid-run fails in one process only, which says it (the last line: a data loader worker's error carries
+        # the worker's traceback before it).
+        if _is_main_process() or isinstance(e, SampleError):
+            rank = "" if _is_main_process() else f" (process {os.environ['RANK']})"
+            print(f"llava train: error{rank}: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -27,6 +27,10 @@ class TrainError(Exception):
     """Anything a user can fix (config, data, model paths): the CLI prints its one-line message and exits 1."""
 
 
+class SampleError(TrainError):
+    """One sample failed mid-run (an image the audit found but cannot read): only its own process knows."""
+
+
 class ConfigError(TrainError):
     """A config that cannot be used: the message names the file or key at fault."""
 
@@ -43,7 +47,7 @@ class Config:
     llm: str = _key("", "the language model: a local directory or a Hugging Face hub id (lmsys/vicuna-7b-v1.5)")
     vision_tower: str = _key("", "the CLIP vision model: a local directory or a hub id (openai/clip-vit-large-patch14-336)")
     init: str = _key("", "start from this llava-hf checkpoint (a directory) instead of assembling llm + vision_tower")
-    projector: str = _key("", "stage 2: the projector.safetensors that stage 1 wrote (or the directory holding it)")
+    projector: str = _key("", "stage 2: stage 1's projector.safetensors, or LLaVA's mm_projector.bin (or the directory holding it)")
     vision_feature_layer: int = _key(-2, "which hidden state of the vision tower feeds the projector (-2: the penultimate)")
 
     # The data.
@@ -146,7 +150,7 @@ class Config:
         for key in ("llm", "vision_tower", "init"):
             _check_model_source(key, getattr(self, key))
         if self.projector and not projector_file(self.projector).is_file():
-            raise ConfigError(f"projector={self.projector}: no projector.safetensors there (stage 1 writes it)")
+            raise ConfigError(f"projector={self.projector}: no projector.safetensors (which stage 1 writes) or mm_projector.bin there")
 
     def set_world(self, world: int) -> None:
         """Fixes the number of processes; the per-device batch times the processes must divide the global batch."""
@@ -163,8 +167,12 @@ def fields() -> list[dataclasses.Field]:
 
 
 def projector_file(path: str) -> Path:
+    """A projector file, or the one in a directory: stage 1's projector.safetensors, or LLaVA's mm_projector.bin."""
     p = Path(path)
-    return p / "projector.safetensors" if p.is_dir() else p
+    if not p.is_dir():
+        return p
+    original = p / "mm_projector.bin"
+    return original if original.is_file() and not (p / "projector.safetensors").is_file() else p / "projector.safetensors"
 
 
 def _check_model_source(key: str, value: str) -> None:

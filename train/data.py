@@ -30,7 +30,7 @@ from PIL import Image
 
 from llavacli.images import preprocess
 from llavacli.prompts import IMAGE, Template, Turn
-from train.config import TrainError
+from train.config import SampleError, TrainError
 
 IGNORE = -100  # label of a position that is not trained on
 ROLES = ("human", "gpt")
@@ -122,13 +122,21 @@ class Encoder:
         return self.tok(text, add_special_tokens=False).input_ids
 
     def pieces(self, turns: list[Turn]) -> list[tuple[str, bool]]:
-        """The rendered conversation as (text, supervised) pieces, in order."""
-        out = [(self.template.opening(), False)]
+        """The rendered conversation as alternating (text, supervised) pieces: the edges between them are the
+        only places where labels switch on or off, so the only ones that must fall between tokens (the system
+        prompt's trailing space, say, may well join "USER" in one token)."""
+        rendered = [(self.template.opening(), False)]
         for turn in turns:
-            out.append((self.template.question(turn.user, turn.images), False))
-            out.append((self.template.answer(turn.assistant), True))
-        assert "".join(t for t, _ in out) == self.template.render(turns)
-        return [(t, s) for t, s in out if t]
+            rendered.append((self.template.question(turn.user, turn.images), False))
+            rendered.append((self.template.answer(turn.assistant), True))
+        assert "".join(t for t, _ in rendered) == self.template.render(turns)
+        out: list[tuple[str, bool]] = []
+        for text, supervised in rendered:
+            if out and out[-1][1] == supervised:
+                out[-1] = (out[-1][0] + text, supervised)
+            elif text:
+                out.append((text, supervised))
+        return out
 
     def _chunk(self, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
         """One text chunk (no image inside) tokenised whole; each piece boundary must fall between tokens."""
@@ -264,7 +272,11 @@ class LlavaDataset(torch.utils.data.Dataset):
         enc = self.encoder.encode(self.records[i])
         pixel_values = None
         if enc.image is not None:
-            pixel_values = self.pixels.load(os.path.join(self.image_folder, enc.image))
+            path = os.path.join(self.image_folder, enc.image)
+            try:
+                pixel_values = self.pixels.load(path)
+            except (OSError, ValueError) as e:  # found by the audit, but unreadable
+                raise SampleError(f"sample {sample_id(self.records[i], i)}: cannot read {path} ({e})") from None
         return {
             "input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
             "labels": torch.tensor(enc.labels, dtype=torch.long),

@@ -43,7 +43,7 @@ class RunLog:
         """On resume, drop the records of steps after the checkpoint: they are about to be redone."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
+        kept = [line for line in self.path.read_text().splitlines() if _step(line) <= start_step]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def step(self, record: dict, write: bool) -> None:
@@ -69,6 +69,14 @@ class RunLog:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def _step(line: str) -> float:
+    """A record's step; a line cut short by a kill counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def read(out_dir: Path) -> list[dict]:

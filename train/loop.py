@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from train.config import TrainError
 from train.data import IGNORE
 
 KILL_ENV = "LLAVA_TRAIN_KILL_AT"  # fault injection for the resume tests: "step:N" or "save:N" (SIGKILL there)
@@ -176,7 +177,7 @@ def train(accelerator, model, optimizer, base_lrs, loader, plan: Plan, start: in
         }
         log.step(record, write=done % cfg.log_steps == 0 or done == total)
         if not math.isfinite(loss):
-            raise FloatingPointError(f"the loss is {loss} at step {done}")
+            raise TrainError(f"the loss is {loss} at step {done}; lower lr, or check the data around this step in {log.path}")
         if cfg.save_steps and done % cfg.save_steps == 0 and done < total:
             checkpoint(done)
         maybe_die("step", done)

@@ -25,8 +25,6 @@ IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
 VOCAB_MULTIPLE = 64  # llava-hf: 32002 tokens -> 32064 rows
 PROJECTOR = "model.multi_modal_projector."  # the projector's prefix in LlavaForConditionalGeneration's state dict
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class ModelError(TrainError):
@@ -79,11 +77,9 @@ def vision(cfg: Config) -> Vision:
         config = _loading("vision_tower", source, lambda: CLIPVisionConfig.from_pretrained(source))
     try:
         processor = CLIPImageProcessor.from_pretrained(source)
-    except OSError:  # a bare tower without preprocessor_config.json: CLIP's own settings
+    except OSError:  # a bare tower without preprocessor_config.json: CLIP's own settings (its mean and std)
         size = config.image_size
-        processor = CLIPImageProcessor(
-            size={"shortest_edge": size}, crop_size={"height": size, "width": size}, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)
-        )
+        processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     return Vision(
         config=config,
         image_size=config.image_size,
@@ -119,7 +115,8 @@ def build(cfg: Config, tokenizer, vis: Vision, dtype: torch.dtype):
         model = _loading("init", cfg.init, lambda: LlavaForConditionalGeneration.from_pretrained(cfg.init, dtype=dtype, **quant))
     else:
         llm = _loading("llm", cfg.llm, lambda: AutoModelForCausalLM.from_pretrained(cfg.llm, dtype=dtype, **quant))
-        tower = _loading("vision_tower", cfg.vision_tower, lambda: CLIPVisionModel.from_pretrained(cfg.vision_tower, dtype=dtype))
+        placement = {"device_map": quant["device_map"]} if quant else {}  # QLoRA: the tower on the LLM's GPU too
+        tower = _loading("vision_tower", cfg.vision_tower, lambda: CLIPVisionModel.from_pretrained(cfg.vision_tower, dtype=dtype, **placement))
         config = LlavaConfig(
             vision_config=tower.config,
             text_config=llm.config,
@@ -140,11 +137,11 @@ def build(cfg: Config, tokenizer, vis: Vision, dtype: torch.dtype):
         # A fresh projector with PyTorch's default initialisation, as LLaVA's build_vision_projector makes it.
         device = next(llm.parameters()).device
         model.model.multi_modal_projector = LlavaMultiModalProjector(config).to(device=device, dtype=dtype)
-        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=VOCAB_MULTIPLE)
-        model.generation_config = llm.generation_config
+        rows = max(len(tokenizer), llm.config.vocab_size)  # grow only, never drop rows
+        model.resize_token_embeddings(rows, pad_to_multiple_of=VOCAB_MULTIPLE)
     if cfg.projector:
         load_projector(model, cfg.projector)
-    model.config.use_cache = False
+    model.config.use_cache = model.config.text_config.use_cache = False
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.text_config.pad_token_id = tokenizer.pad_token_id
     return model
@@ -241,9 +238,9 @@ def dequantized_state(net) -> dict[str, torch.Tensor]:
 
 def _sentencepiece_model(source: str) -> Path | None:
     """The LLM's tokenizer.model, which llava-hf directories carry beside tokenizer.json (converters prefer it)."""
-    local = Path(source) / "tokenizer.model"
-    if local.is_file():
-        return local
+    local = Path(source)
+    if local.is_dir():
+        return local / "tokenizer.model" if (local / "tokenizer.model").is_file() else None
     try:
         from huggingface_hub import hf_hub_download
 
@@ -257,7 +254,7 @@ def save(out_dir: Path, config, state: dict[str, torch.Tensor], tokenizer, vis: 
     from transformers import GenerationConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     state = {k: v.detach().to("cpu", dtype) for k, v in state.items()}
-    config.use_cache = True
+    config.use_cache = config.text_config.use_cache = True
     with torch.device("meta"):
         shell = LlavaForConditionalGeneration(config)
     expected = set(shell.state_dict())

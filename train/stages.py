@@ -101,6 +101,8 @@ def make_accelerator(cfg: Config):
         **plugins,
     )
     assert accelerator.num_processes == world, (accelerator.num_processes, world)
+    if cfg.engine == "fsdp" and accelerator.distributed_type.name != "FSDP" and accelerator.is_main_process:
+        print("engine fsdp: accelerate shards only across several GPUs; this run is plain data parallel", file=sys.stderr)
     if cfg.tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -166,7 +168,7 @@ def _optimizer(cfg: Config, net) -> tuple[torch.optim.Optimizer, list[float]]:
         if not p.requires_grad:
             continue
         lr = cfg.projector_lr if (cfg.projector_lr and model.is_projector(name)) else cfg.lr
-        decay = cfg.weight_decay if p.dim() >= 2 else 0.0
+        decay = cfg.weight_decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else 0.0  # ZeRO-3 keeps the shape aside
         groups.setdefault((lr, decay), []).append(p)
     params = [{"params": ps, "lr": lr, "weight_decay": decay} for (lr, decay), ps in groups.items()]
     fused = torch.cuda.is_available() and cfg.bits != 4
@@ -175,6 +177,7 @@ def _optimizer(cfg: Config, net) -> tuple[torch.optim.Optimizer, list[float]]:
 
 
 def run(cfg: Config) -> Path:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # data loader workers fork after the audit tokenised
     accelerator, bf16 = make_accelerator(cfg)
     main = accelerator.is_main_process
 
@@ -210,15 +213,17 @@ def run(cfg: Config) -> Path:
         for p in net.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
-    trained = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    say(f"model: {trained:,} of {sum(p.numel() for p in net.parameters()):,} weights train")
+    numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731 (ZeRO-3 partitions hold a slice)
+    trained = sum(numel(p) for p in net.parameters() if p.requires_grad)
+    say(f"model: {trained:,} of {sum(numel(p) for p in net.parameters()):,} weights train")
     optimizer, base_lrs = _optimizer(cfg, net)
     net, optimizer = accelerator.prepare(net, optimizer)
 
     plain = accelerator.distributed_type.name in ("NO", "MULTI_GPU", "MULTI_CPU")
-    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
-    if plain:  # checkpoints keep only the trained weights
+    if plain:  # checkpoints keep only the trained weights (accelerate saves and loads the unwrapped model)
+        trainable = {n for n, p in accelerator.unwrap_model(net).named_parameters() if p.requires_grad}
         accelerator.register_save_state_pre_hook(lambda models, weights, _: _keep_trained(weights, trainable))
+        accelerator.register_load_state_pre_hook(lambda models, path: _check_trained(path, trainable))
     save_kwargs = {"exclude_frozen_parameters": True} if cfg.engine == "deepspeed" else {}
     load_kwargs = {"strict": False} if plain else ({"load_module_strict": False} if cfg.engine == "deepspeed" else {})
 
@@ -246,14 +251,8 @@ def run(cfg: Config) -> Path:
     finally:
         log.close()
 
-    state = accelerator.get_state_dict(net)  # every process takes part (ZeRO-3 and FSDP gather here)
+    _save_model(accelerator, net, cfg, tokenizer, vis, out, torch.bfloat16 if bf16 else torch.float32)
     if main:
-        base = model.llava(accelerator.unwrap_model(net))
-        if cfg.bits == 4:  # the 4-bit weights of the state dict, dequantized for merging and saving
-            state = model.dequantized_state(accelerator.unwrap_model(net))
-        if cfg.lora_r:
-            state = model.merge_lora(state, cfg.lora_alpha / cfg.lora_r)
-        model.save(out, base.config, state, tokenizer, vis, torch.bfloat16 if bf16 else torch.float32, cfg)
         (out / FINISHED).write_text(json.dumps({"finished": True, "steps": total}) + "\n")
         say(f"saved {out}")
     accelerator.wait_for_everyone()
@@ -261,6 +260,30 @@ def run(cfg: Config) -> Path:
     return out
 
 
+def _save_model(accelerator, net, cfg: Config, tokenizer, vis: model.Vision, out: Path, dtype: torch.dtype) -> None:
+    """The trained model as a llava-hf directory, LoRA merged. Every process calls it: ZeRO-3 and FSDP gather."""
+    state = accelerator.get_state_dict(net)
+    if not accelerator.is_main_process:
+        return
+    unwrapped = accelerator.unwrap_model(net)
+    if cfg.bits == 4:  # QLoRA: the 4-bit base weights dequantized, for merging and saving
+        state = model.dequantized_state(unwrapped)
+    if cfg.lora_r:
+        state = model.merge_lora(state, cfg.lora_alpha / cfg.lora_r)
+    model.save(out, model.llava(unwrapped).config, state, tokenizer, vis, dtype, cfg)
+
+
 def _keep_trained(weights: list[dict], trainable: set[str]) -> None:
     for i, state in enumerate(weights):
         weights[i] = {k: v for k, v in state.items() if k in trainable}
+        assert set(weights[i]) == trainable, "the checkpoint would miss trained weights"
+
+
+def _check_trained(path: str, trainable: set[str]) -> None:
+    """The weights are loaded non-strictly (frozen ones are not in the file): make sure the trained ones are."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(path) / "model.safetensors"), "pt") as f:
+        missing = trainable - set(f.keys())
+    if missing:
+        raise TrainError(f"checkpoint {path} lacks {len(missing)} of the weights this run trains (such as {min(missing)})")

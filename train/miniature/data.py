@@ -53,6 +53,7 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 }
 MAX_OBJECTS = 5
 GRID = 3
+JITTER = 0.02  # how far (as a fraction of the picture) a shape's centre strays from its cell's centre
 CELLS = [(r, c) for r in range(GRID) for c in range(GRID)]
 # Where a cell is, as a short answer and inside a sentence.
 POSITION = {
@@ -72,7 +73,7 @@ LETTERS = "ABCD"
 KIND_COLOR, KIND_SHAPE, KIND_COUNT, KIND_YESNO, KIND_CHOICE = "colour", "shape", "count", "yes/no", "multiple choice"
 EVAL_KINDS = (KIND_COLOR, KIND_SHAPE, KIND_COUNT, KIND_YESNO, KIND_CHOICE)
 
-IMAGE_SIZE = 224  # stored pictures; the vision tower sees them resized by llavacli.images.preprocess
+IMAGE_SIZE = 192  # stored pictures; the vision tower sees them resized by llavacli.images.preprocess
 RENDER_SCALE = 2  # drawn at twice the size, then downsampled (anti-aliasing)
 
 
@@ -124,8 +125,8 @@ def make_scene(rng: random.Random, scene_id: str, n: int | None = None) -> Scene
     shapes = []
     for cell in cells:
         size = rng.choice(SIZES)
-        radius = cell_w * (rng.uniform(0.34, 0.40) if size == "large" else rng.uniform(0.21, 0.25))
-        slack = cell_w / 2 - radius - 0.012
+        radius = cell_w * (rng.uniform(0.34, 0.39) if size == "large" else rng.uniform(0.23, 0.27))
+        slack = min(JITTER, cell_w / 2 - radius * 1.1)
         x = (cell[1] + 0.5) * cell_w + rng.uniform(-slack, slack)
         y = (cell[0] + 0.5) * cell_w + rng.uniform(-slack, slack)
         shapes.append(Shape(rng.choice(SHAPES), rng.choice(list(COLORS)), size, cell, x, y, radius))
@@ -552,6 +553,17 @@ class Sizes:
     lm_documents: int = 30000
 
 
+def dataset_paths(out: Path) -> dict[str, Path]:
+    return {
+        "images": out / "images",
+        "stage1": out / "stage1.json",
+        "stage2": out / "stage2.json",
+        "test_stage2": out / "test-stage2.json",
+        "eval": out / "eval" / "questions.jsonl",
+        "lm": out / "lm.txt",
+    }
+
+
 def write_dataset(out: Path, sizes: Sizes = Sizes(), seed: int = 0, progress=None) -> dict[str, Path]:
     """Render the pictures and write every file the recipe reads; returns their paths.
 
@@ -560,14 +572,7 @@ def write_dataset(out: Path, sizes: Sizes = Sizes(), seed: int = 0, progress=Non
     file's folder), out/lm.txt (one document per line, newlines escaped as \\n).
     """
     out.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "images": out / "images",
-        "stage1": out / "stage1.json",
-        "stage2": out / "stage2.json",
-        "test_stage2": out / "test-stage2.json",
-        "eval": out / "eval" / "questions.jsonl",
-        "lm": out / "lm.txt",
-    }
+    paths = dataset_paths(out)
     scenes: dict[str, list[Scene]] = {}
     for split, n in (("train", sizes.train_images), ("test", sizes.test_images)):
         folder = paths["images"] / split
@@ -594,15 +599,7 @@ def write_dataset(out: Path, sizes: Sizes = Sizes(), seed: int = 0, progress=Non
     for key, data in (("stage1", stage1), ("stage2", stage2), ("test_stage2", test2)):
         paths[key].write_text(json.dumps(data, indent=1))
 
-    # held-out evaluation questions: each kind over the test pictures, cycling through them
-    erng = random.Random(f"miniature/{seed}/eval")
-    paths["eval"].parent.mkdir(parents=True, exist_ok=True)
-    with open(paths["eval"], "w") as f:
-        for kind in EVAL_KINDS:
-            for j in range(sizes.eval_per_kind):
-                i = (j * 7 + EVAL_KINDS.index(kind)) % len(scenes["test"])
-                rec = eval_question(scenes["test"][i], f"../images/test/{i:05d}.png", erng, kind, f"{kind.replace('/', '').replace(' ', '-')}-{j:04d}")
-                f.write(json.dumps(rec) + "\n")
+    write_questions(paths["eval"], scenes["test"], sizes.eval_per_kind, seed, "../images/test")
 
     # text for the language model: documents about fresh scenes (no pictures needed), and the train scenes
     trng = random.Random(f"miniature/{seed}/lm")
@@ -611,6 +608,29 @@ def write_dataset(out: Path, sizes: Sizes = Sizes(), seed: int = 0, progress=Non
             scene = make_scene(scene_rng(seed, "lm", i), f"lm-{i}")
             f.write(lm_document(scene, trng).replace("\n", "\\n") + "\n")
     return paths
+
+
+def write_questions(path: Path, scenes: list[Scene], per_kind: int, seed: int, image_dir: str) -> None:
+    """The held-out evaluation questions: each kind over the pictures, cycling through them (JSONL)."""
+    rng = random.Random(f"miniature/{seed}/eval")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for kind in EVAL_KINDS:
+            for j in range(per_kind):
+                i = (j * 7 + EVAL_KINDS.index(kind)) % len(scenes)
+                qid = f"{kind.replace('/', '').replace(' ', '-')}-{j:04d}"
+                f.write(json.dumps(eval_question(scenes[i], f"{image_dir}/{i:05d}.png", rng, kind, qid)) + "\n")
+
+
+def write_heldout(out: Path, n_images: int, per_kind: int, seed: int = 0) -> Path:
+    """Only the held-out pictures and their questions (the same as write_dataset's for the same seed and
+    sizes): out/NNNNN.png and out/questions.jsonl. For checking a shipped model without the training data."""
+    out.mkdir(parents=True, exist_ok=True)
+    scenes = [make_scene(scene_rng(seed, "test", i), f"test-{i:05d}") for i in range(n_images)]
+    for i, scene in enumerate(scenes):
+        render(scene).save(out / f"{i:05d}.png", compress_level=3)
+    write_questions(out / "questions.jsonl", scenes, per_kind, seed, ".")
+    return out / "questions.jsonl"
 
 
 def read_lm_documents(path: Path) -> list[str]:

@@ -31,11 +31,11 @@ PAD = "<pad>"
 @dataclass(frozen=True)
 class LMShape:
     vocab: int = 1024  # SentencePiece pieces (bytes and specials included)
-    hidden: int = 256
-    ff: int = 704
+    hidden: int = 192
+    ff: int = 512
     layers: int = 4
-    heads: int = 4
-    kv_heads: int = 4
+    heads: int = 3
+    kv_heads: int = 3
     max_positions: int = 1024
 
 

@@ -1,0 +1,63 @@
+"""The miniature's whole recipe, shortened (`python -m train.miniature --quick`): every stage runs, through
+train/ and `llava convert`, and every stage's loss falls."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+STAGES = ("vision", "language", "stage1", "stage2")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("miniature")
+    run = subprocess.run(
+        [sys.executable, "-m", "train.miniature", "--out", str(out), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", STAGES)
+def test_each_stage_loss_falls(quick_run, stage):
+    phase = json.loads((quick_run / "recipe.json").read_text())["phases"][stage]
+    assert phase["steps"] >= 10
+    assert phase["loss_end"] < phase["loss_start"], phase
+
+
+@pytest.mark.slow
+def test_stage1_trains_the_projector_and_stage2_starts_from_it(quick_run):
+    assert (quick_run / "stage1" / "projector.safetensors").is_file()
+    stage2 = (quick_run / "configs" / "stage2.toml").read_text()
+    assert f'projector = "{quick_run / "stage1"}"' in stage2
+    assert 'template = "vicuna_v1"' in stage2
+    assert 'template = "plain"' in (quick_run / "configs" / "stage1.toml").read_text()
+
+
+@pytest.mark.slow
+def test_quick_run_converts_to_a_small_gguf_pair(quick_run):
+    text, mmproj = quick_run / "gguf" / "demo.gguf", quick_run / "gguf" / "demo.mmproj.gguf"
+    assert text.is_file() and mmproj.is_file()
+    assert text.stat().st_size + mmproj.stat().st_size <= 25 * 2**20
+    from gguf import GGUFReader
+
+    arch = GGUFReader(mmproj).fields["general.architecture"]
+    assert bytes(arch.parts[arch.data[0]]).decode() == "clip"
+
+
+@pytest.mark.slow
+def test_quick_run_was_evaluated_in_transformers(quick_run):
+    summary = json.loads((quick_run / "eval-transformers.json").read_text())
+    assert set(summary["kinds"]) == {"colour", "shape", "count", "yes/no", "multiple choice"}
+    lines = (quick_run / "eval-transformers.jsonl").read_text().splitlines()
+    assert len(lines) == sum(k["n"] for k in summary["kinds"].values())

@@ -1,0 +1,196 @@
+"""The miniature's generated world: seeded, in LLaVA's formats, and every answer true of its picture."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llavacli.prompts import IMAGE, OPTION_LETTER, SHORT_ANSWER
+from train.miniature import data as D
+from train.miniature import vision as V
+
+SMALL = D.Sizes(train_images=24, test_images=12, eval_per_kind=12, lm_documents=30)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mini") / "data"
+    D.write_dataset(out, SMALL, seed=3)
+    return out
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_dataset_other_seed_another(dataset, tmp_path):
+    again = tmp_path / "again"
+    D.write_dataset(again, SMALL, seed=3)
+    assert _digest(again) == _digest(dataset)
+    other = tmp_path / "other"
+    D.write_dataset(other, SMALL, seed=4)
+    assert _digest(other)["stage2.json"] != _digest(dataset)["stage2.json"]
+    assert _digest(other)["images/test/00000.png"] != _digest(dataset)["images/test/00000.png"]
+
+
+@pytest.mark.parametrize("name", ["stage1.json", "stage2.json", "test-stage2.json"])
+def test_samples_are_llava_json_with_existing_images(dataset, name):
+    samples = json.loads((dataset / name).read_text())
+    assert samples
+    for s in samples:
+        assert set(s) == {"id", "image", "conversations"}
+        assert (dataset / "images" / s["image"]).is_file()
+        convs = s["conversations"]
+        assert len(convs) >= 2 and len(convs) % 2 == 0
+        assert [c["from"] for c in convs] == ["human", "gpt"] * (len(convs) // 2)
+        assert convs[0]["value"].startswith(IMAGE + "\n")
+        assert sum(c["value"].count(IMAGE) for c in convs) == 1
+        assert all(c["value"].strip() for c in convs)
+    split = "test" if name.startswith("test") else "train"
+    assert all(s["image"].startswith(split + "/") for s in samples)
+
+
+def test_stage2_has_llava_instructs_three_kinds_and_short_answers(tmp_path):
+    D.write_dataset(tmp_path, D.Sizes(train_images=120, test_images=2, eval_per_kind=1, lm_documents=1), seed=0)
+    samples = json.loads((tmp_path / "stage2.json").read_text())
+    kinds = Counter(s["id"].rsplit("-", 1)[1] for s in samples)
+    assert set(kinds) == {"vqa", "conversation", "detail", "reasoning"}
+    vqa = [s for s in samples if s["id"].endswith("-vqa")]
+    questions = [c["value"] for s in vqa for c in s["conversations"][0::2]]
+    assert all(q.endswith(SHORT_ANSWER) or q.endswith(OPTION_LETTER) for q in questions)
+
+
+def test_eval_questions_cover_five_kinds_and_are_consistent(dataset):
+    records = [json.loads(line) for line in open(dataset / "eval" / "questions.jsonl")]
+    assert Counter(r["kind"] for r in records) == {k: SMALL.eval_per_kind for k in D.EVAL_KINDS}
+    assert len({r["question_id"] for r in records}) == len(records)
+    for r in records:
+        assert (dataset / "eval" / r["image"]).resolve().is_file()
+        assert "/test/" in r["image"], "evaluation uses held-out pictures only"
+        if r["kind"] == D.KIND_CHOICE:
+            letters = [line[0] for line in r["text"].splitlines() if len(line) > 2 and line[1:3] == ". "]
+            assert letters == list("ABCD") and r["answer"] in letters and r["text"].endswith(OPTION_LETTER)
+            assert len(set(r["choices"])) == 4
+        else:
+            assert r["text"].endswith(SHORT_ANSWER)
+        if r["kind"] == D.KIND_YESNO:
+            assert r["answer"] in ("yes", "no")
+        if r["kind"] == D.KIND_COUNT:
+            assert r["answer"] in {str(n) for n in range(D.MAX_OBJECTS + 1)}
+
+
+def _scene(rng_seed: int) -> D.Scene:
+    return D.make_scene(D.scene_rng(0, "t", rng_seed), f"t-{rng_seed}")
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_answers_are_true_of_the_scene(seed):
+    scene = _scene(seed)
+    rng = random.Random(seed)
+    shapes = scene.shapes
+    assert 1 <= len(shapes) <= D.MAX_OBJECTS
+    assert len({s.cell for s in shapes}) == len(shapes), "one shape per cell"
+    for _ in range(10):
+        qa = D.qa_count(scene, rng)
+        q = qa.question
+        if q in D.Q_COUNT_ALL:
+            expected = len(shapes)
+        else:
+            expected = next(
+                (scene.count(kind=k) for k in D.SHAPES if D.PLURAL[k] in q.split()),
+                None,
+            )
+            if expected is None:
+                expected = next(scene.count(color=c) for c in D.COLORS if f" {c} " in q)
+        assert qa.short == str(expected), q
+        c = D.qa_color(scene, rng)
+        target = [s for s in shapes if f"the {s.kind}" in c.question or D.WHERE[s.cell] in c.question]
+        assert target and all(s.color == c.short for s in target), c.question
+        e = D.qa_exists(scene, rng)
+        color, kind = next((col, k) for col in D.COLORS for k in D.SHAPES if f" {col} {k}" in e.question)
+        assert e.short == ("yes" if scene.count(color=color, kind=kind) else "no")
+        m = D.qa_choice(scene, rng)
+        assert m.choices[D.LETTERS.index(m.short)] in (*D.COLORS, *D.SHAPES)
+
+
+def test_pictures_show_the_scene(tmp_path):
+    """Every shape's colour is at its centre, and nothing but background far from the shapes."""
+    for seed in range(10):
+        scene = _scene(seed)
+        img = np.asarray(D.render(scene), dtype=np.int32)
+        side = img.shape[0]
+        for s, jitter in zip(scene.shapes, scene.jitter):
+            y, x = int(s.y * side), int(s.x * side)
+            expected = np.clip(np.asarray(D.COLORS[s.color]) + np.asarray(jitter), 0, 255)
+            assert np.abs(img[y, x] - expected).max() <= 3, (scene.id, s)
+        owner = np.asarray(D.label_map(scene, side))
+        background = img[owner == 0]
+        base = np.asarray(D.BACKGROUNDS[scene.background]) + np.asarray(scene.tint)
+        near_edge = 3 + scene.gradient[0]
+        assert np.median(np.abs(background - base).max(axis=1)) <= near_edge
+
+
+def test_stage1_captions_name_every_shape():
+    rng = random.Random(0)
+    for seed in range(20):
+        scene = _scene(seed)
+        cap = D.caption(scene, rng)
+        for s in scene.shapes:
+            assert s.kind in cap and s.color in cap
+        assert scene.background in cap
+
+
+def test_lm_documents_use_the_vicuna_template_or_prose(dataset):
+    docs = D.read_lm_documents(dataset / "lm.txt")
+    assert len(docs) == SMALL.lm_documents
+    chats = [d for d in docs if "ASSISTANT:" in d]
+    assert chats and len(chats) < len(docs)
+    assert all(d.startswith("A chat between a curious user") and d.endswith("</s>") for d in chats)
+
+
+def test_vision_tower_shape_suits_llama_cpp():
+    shape = V.TowerShape()
+    cfg = V.tower_config(shape)
+    assert cfg.intermediate_size != cfg.hidden_size
+    assert cfg.image_size % cfg.patch_size == 0
+    assert cfg.hidden_act == "quick_gelu"
+    assert shape.grid * shape.patch_size == shape.image_size
+    assert shape.grid % D.GRID == 0, "each scene cell is a whole number of patches"
+
+
+def test_patch_targets_follow_the_shapes():
+    shape = V.TowerShape()
+    for seed in range(10):
+        scene = _scene(seed)
+        t = V.scene_targets(scene, shape)
+        assert int(t["total"]) == len(scene.shapes)
+        assert int(t["centre"].sum()) == len(scene.shapes)
+        covered = t["color"] > 0
+        assert (covered == (t["kind"] > 0)).all()
+        got = {(c, k) for c, k in zip(t["color"][covered], t["kind"][covered])}
+        expected = {(V.COLOR_INDEX[s.color], V.KIND_INDEX[s.kind]) for s in scene.shapes}
+        assert got == expected
+
+
+def test_tokenizer_follows_llama_conventions(tmp_path):
+    from train.miniature import language as L
+
+    docs = D.read_lm_documents  # noqa: F841  (documents come from the generator below)
+    rng = random.Random(0)
+    texts = [D.lm_document(_scene(i), rng) for i in range(200)]
+    L.train_tokenizer(tmp_path, texts, vocab=600)
+    tok = L.hf_tokenizer(tmp_path)
+    assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    ids = tok("How many stars?").input_ids
+    assert ids[0] == 1, "BOS first"
+    assert tok("ok</s>", add_special_tokens=False).input_ids[-1] == 2, "</s> in text is EOS"
+    assert tok.convert_tokens_to_ids(IMAGE) == len(tok) - 2 and tok.pad_token_id == len(tok) - 1
+    unseen = tok("ü", add_special_tokens=False).input_ids
+    assert all(tok.convert_ids_to_tokens(i).startswith("<0x") or tok.convert_ids_to_tokens(i) == "▁" for i in unseen), "byte fallback"
+    assert tok.decode(tok("What color is the star?\nA. red", add_special_tokens=False).input_ids) == "What color is the star?\nA. red"
