@@ -105,6 +105,27 @@ def _quantization(cfg: Config, compute_dtype):
     return {"quantization_config": quant, "device_map": {"": torch.cuda.current_device()}}
 
 
+def empty_llava(config):
+    """LlavaForConditionalGeneration(config) on the meta device: a shell that costs no memory, for parts loaded
+    elsewhere. Under ZeRO-3 transformers would build it sharded and initialise it, which a meta shell cannot be:
+    its hook is switched off meanwhile (the parts themselves were loaded sharded)."""
+    from transformers import LlavaForConditionalGeneration
+    from transformers.integrations import is_deepspeed_zero3_enabled, set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    if not is_deepspeed_zero3_enabled():
+        with torch.device("meta"):
+            return LlavaForConditionalGeneration(config)
+    from accelerate.state import AcceleratorState
+
+    keep = AcceleratorState().deepspeed_plugin.dschf
+    unset_hf_deepspeed_config()
+    try:
+        with torch.device("meta"):
+            return LlavaForConditionalGeneration(config)
+    finally:
+        set_hf_deepspeed_config(keep)
+
+
 def build(cfg: Config, tokenizer, vis: Vision, dtype: torch.dtype):
     """The LlavaForConditionalGeneration to train, every weight loaded or initialised (seeded), none trainable yet."""
     from transformers import AutoModelForCausalLM, CLIPVisionModel, LlavaConfig, LlavaForConditionalGeneration
@@ -127,9 +148,7 @@ def build(cfg: Config, tokenizer, vis: Vision, dtype: torch.dtype):
             projector_hidden_act="gelu",
             multimodal_projector_bias=True,
         )
-        # The shell on the meta device costs no memory; its parts are the loaded models, moved in whole.
-        with torch.device("meta"):
-            model = LlavaForConditionalGeneration(config)
+        model = empty_llava(config)  # its parts are the loaded models, moved in whole
         model.model.vision_tower = tower
         model.model.language_model = llm.model
         model.lm_head = llm.lm_head
@@ -251,12 +270,11 @@ def _sentencepiece_model(source: str) -> Path | None:
 
 def save(out_dir: Path, config, state: dict[str, torch.Tensor], tokenizer, vis: Vision, dtype: torch.dtype, cfg: Config) -> None:
     """A llava-hf directory: weights + config, tokenizer, image processor; projector.safetensors beside them."""
-    from transformers import GenerationConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import GenerationConfig, LlavaProcessor
 
     state = {k: v.detach().to("cpu", dtype) for k, v in state.items()}
     config.use_cache = config.text_config.use_cache = True
-    with torch.device("meta"):
-        shell = LlavaForConditionalGeneration(config)
+    shell = empty_llava(config)
     expected = set(shell.state_dict())
     if set(state) != expected:
         missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]

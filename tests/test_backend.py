@@ -1,0 +1,83 @@
+"""The llama.cpp backend: its LLaVA conformance verdict, and third-party mmproj files that run correctly."""
+
+from __future__ import annotations
+
+import gguf
+from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+from PIL import Image
+
+import reference
+from conftest import run_llava
+from llavacli import backend
+from llavacli.engine import Engine
+from llavacli.ggufmeta import FEATURE_LAYER_KEY
+
+
+def _rewrite(src, dst, *, drop_keys=(), drop_tensors=lambda name: False, set_keys=None):
+    """A copy of a GGUF with keys removed or changed and tensors left out, made with gguf-py."""
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(dst, reader.fields["general.architecture"].contents())
+    kept = [t for t in reader.tensors if not drop_tensors(t.name)]
+    reader.tensors = kept
+    copy_with_new_metadata(reader, writer, dict(set_keys or {}), list(drop_keys))
+    return dst
+
+
+def test_installed_backend_is_conformant():
+    verdict = backend.conformance(use_cache=False)
+    assert verdict.conformant, verdict.describe()
+    assert verdict.mean_cos > 0.99999 and verdict.min_cos > 0.9999
+
+
+def test_conformance_check_catches_a_backend_running_the_wrong_layers(tmp_path):
+    """The check is not a rubber stamp: features from the wrong ViT depth fail it."""
+    broken = _rewrite(
+        backend.CONFORMANCE_DIR / "tiny.mmproj.gguf",
+        tmp_path / "broken.mmproj.gguf",
+        set_keys={FEATURE_LAYER_KEY: MetadataDetails(gguf.GGUFValueType.ARRAY, [1], sub_type=gguf.GGUFValueType.INT32)},
+    )
+    verdict = backend.measure_conformance(mmproj=broken)
+    assert not verdict.conformant
+    assert verdict.mean_cos < 0.99
+
+
+def test_verdict_is_cached_per_build(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAVA_CACHE", str(tmp_path))
+    first = backend.conformance()
+    assert (tmp_path / "conformance.json").is_file()
+    assert backend.conformance() == first
+    assert first.fingerprint == backend.build_fingerprint()
+
+
+def test_info_reports_backend_and_verdict():
+    proc = run_llava("info")
+    assert proc.returncode == 0, proc.stderr
+    assert "llama-cpp-python   0.3.36+llava.clsfix" in proc.stdout
+    assert "LLaVA conformance  conformant" in proc.stdout
+    assert "CPU" in proc.stdout
+
+
+def test_legacy_mmproj_runs_as_llava_computes(checkpoints, images, tmp_path):
+    """A file in the layout of llama.cpp's legacy converter: last ViT layer not stored, no feature layer.
+
+    Stock llama.cpp runs one layer too few on it; the engine hands llama.cpp a copy with the feature
+    layer set, so the features still match transformers.
+    """
+    text, mmproj = checkpoints.gguf("hf15", "f32")
+    n_layers = int(gguf.GGUFReader(mmproj).fields["clip.vision.block_count"].contents())
+    last = f"v.blk.{n_layers - 1}."
+    legacy = _rewrite(
+        mmproj,
+        tmp_path / "legacy.mmproj.gguf",
+        drop_keys=[FEATURE_LAYER_KEY, "clip.vision.block_count"],
+        drop_tensors=lambda name: name.startswith(last),
+        set_keys={"clip.vision.block_count": MetadataDetails(gguf.GGUFValueType.UINT32, n_layers - 1)},
+    )
+    assert FEATURE_LAYER_KEY not in gguf.GGUFReader(legacy).fields
+    img = Image.open(images["wide"])
+    want = reference.load_llava_hf(checkpoints.source("hf15")[0]).image_features(img)
+    with Engine(text, legacy, n_ctx=1024) as engine:
+        got = engine.image_embeddings(img)
+    cos = reference.cosines(got, want)
+    assert cos.mean() >= 0.99999 and cos.min() >= 0.9999
+    assert FEATURE_LAYER_KEY not in gguf.GGUFReader(legacy).fields
