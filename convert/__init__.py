@@ -83,9 +83,10 @@ def convert(
     if outtype not in OUTTYPES:
         raise ConvertError(f"unknown --outtype {outtype!r}; choose one of: {', '.join(OUTTYPES)}")
     kind = OUTTYPES[outtype]
-    ckpt = load_checkpoint(resolve_source(src), vision_tower=vision_tower, fetch=_fetch)
-    if name:
-        ckpt.name = name
+    directory = resolve_source(src)
+    ckpt = load_checkpoint(directory, vision_tower=vision_tower, fetch=_fetch)
+    # A hub snapshot's folder is named by its commit; the repo's own name says more.
+    ckpt.name = name or (ckpt.name if Path(src).expanduser().exists() else src.split("/")[-1])
     outputs = output_paths(out_dir, ckpt.name)
     for path in (outputs.text, outputs.mmproj):
         if path.exists() and not force:

@@ -114,3 +114,27 @@ def test_a_missing_vision_tower(checkpoints, tmp_path):
 def test_unknown_outtype_is_a_usage_error(checkpoints, tmp_path):
     src, _ = checkpoints.source("hf15")
     _one_line_error(run_llava("convert", src, tmp_path / "out", "--outtype", "q3"), 2, "--outtype")
+
+
+def test_convert_fetches_a_hub_repo_id(checkpoints, tmp_path):
+    """A repo id goes through huggingface_hub's real client, against a local stand-in for the Hub."""
+    from localhub import LocalHub
+
+    src, _ = checkpoints.source("hf15")
+    commit = "c" * 40
+    with LocalHub() as hub:
+        files = [p for p in src.iterdir() if p.is_file()]
+        for path in files:
+            hub.add_file("tiny-org/tiny-llava-hf", path.name, path.read_bytes(), commit=commit)
+        listing = {"id": "tiny-org/tiny-llava-hf", "sha": commit, "siblings": [{"rfilename": p.name} for p in files]}
+        tree = [{"type": "file", "path": p.name, "size": p.stat().st_size, "oid": "0" * 40} for p in files]
+        for rev in ("main", commit):
+            hub.pages[f"/api/models/tiny-org/tiny-llava-hf/revision/{rev}"] = (200, json.dumps(listing).encode())
+            hub.pages[f"/api/models/tiny-org/tiny-llava-hf/tree/{rev}"] = (200, json.dumps(tree).encode())
+        env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf")}
+        proc = run_llava("convert", "tiny-org/tiny-llava-hf", tmp_path / "out", env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert (tmp_path / "out" / "tiny-llava-hf.gguf").is_file()
+        missing = run_llava("convert", "tiny-org/no-such-repo", tmp_path / "out2", env=env)
+    _one_line_error(missing, 1, "tiny-org/no-such-repo")
+    assert not (tmp_path / "out2").exists()
