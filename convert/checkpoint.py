@@ -19,6 +19,7 @@ from transformers import CLIPVisionConfig, LlamaConfig
 
 from llavacli.errors import ConvertError
 from llavacli.images import CROP, PAD
+from llavacli.prompts import DEFAULT_TEMPLATE, TEMPLATES
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -91,6 +92,7 @@ class Checkpoint:
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
     image_token_id: int | None = None
+    template: str = DEFAULT_TEMPLATE  # what the checkpoint was trained on: train/ records it
 
     @property
     def rope_theta(self) -> float:
@@ -177,6 +179,13 @@ def load_checkpoint(directory: Path, *, vision_tower: Path | None = None, fetch=
         kind = config.get("model_type") or ", ".join(archs) or "unknown"
         raise ConvertError(f"{directory}: config.json describes a {kind!r} model, not LLaVA")
     _check_complete(ckpt)
+    trained = directory / "train_config.json"  # written by train/ beside the model: how it was trained
+    if trained.is_file():
+        cfg = _read_json(trained)
+        stage1 = cfg.get("stage") == "pretrain"
+        template = cfg.get("template") or ("plain" if stage1 else DEFAULT_TEMPLATE)
+        ckpt.template = template if template in TEMPLATES else DEFAULT_TEMPLATE
+        ckpt.image_mode = cfg.get("image_mode") or (CROP if stage1 else PAD)
     return ckpt
 
 

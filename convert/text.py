@@ -14,7 +14,6 @@ from convert.checkpoint import Checkpoint
 from convert.writing import TensorPlan, write_gguf
 from llavacli.errors import ConvertError
 from llavacli.ggufmeta import TEMPLATE_KEY
-from llavacli.prompts import DEFAULT_TEMPLATE
 
 # tokenizer.chat_template for other llama.cpp front ends; `llava` itself renders llavacli.prompts.
 VICUNA_JINJA = (
@@ -129,6 +128,6 @@ def write_text_model(ckpt: Checkpoint, path: Path, float_type: np.dtype, file_ty
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
     writer.add_chat_template(VICUNA_JINJA)
-    writer.add_string(TEMPLATE_KEY, DEFAULT_TEMPLATE)
+    writer.add_string(TEMPLATE_KEY, ckpt.template)
 
     write_gguf(writer, plan_text_tensors(ckpt, float_type), progress, "text model")

@@ -63,6 +63,7 @@ def test_shipped_configs_carry_the_papers_settings():
     sqa = config.load("llava-1.5-7b-scienceqa", [])
     for c in (pre, fine, lora, qlora, sqa):
         assert (c.max_length, c.warmup_ratio, c.weight_decay, c.bf16, c.tf32, c.gradient_checkpointing) == (2048, 0.03, 0.0, True, True, True)
+        assert c.max_grad_norm == 0.0  # LLaVA's DeepSpeed runs clipped nothing
         assert c.vision_tower == "openai/clip-vit-large-patch14-336" and c.vision_feature_layer == -2
     assert (pre.stage, pre.global_batch_size, pre.lr, pre.epochs, pre.template, pre.image_mode) == ("pretrain", 256, 1e-3, 1.0, "plain", "crop")
     assert (pre.engine, pre.deepspeed_config, pre.llm) == ("deepspeed", "zero2.json", "lmsys/vicuna-7b-v1.5")

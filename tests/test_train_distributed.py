@@ -3,8 +3,10 @@ killed between or while writing checkpoints resumes to the very same weights."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import torch
 
 from train import config
 from train.logs import read
-from train_kit import base_models, dataset, run_inprocess, run_module, weights
+from train_kit import REPO, base_models, dataset, env, run_inprocess, run_module, weights
 from train_kit import config as write_config
 
 # Two processes of two samples against one process of four (global batch 4 either way), 8 steps of stage 2.
@@ -64,20 +66,29 @@ def two_processes(parts, tmp_path_factory):
     return work / "out"
 
 
-def test_two_process_torchrun_gives_the_loss_curve_of_one_process_with_the_same_global_batch(parts, two_processes, tmp_path):
+@pytest.fixture(scope="module")
+def one_process(parts, tmp_path_factory):
+    """The same run in one process with the whole global batch of 4."""
     llm, clip, data_file, images = parts
-    one = write_config(tmp_path / "one.toml", "finetune", llm, clip, data_file, images, tmp_path / "one", **TWO | {"per_device_batch_size": 4})
-    assert run_inprocess(["finetune", str(one)]) == 0
+    work = tmp_path_factory.mktemp("one")
+    cfg = write_config(work / "one.toml", "finetune", llm, clip, data_file, images, work / "out", **TWO | {"per_device_batch_size": 4})
+    assert run_inprocess(["finetune", str(cfg)]) == 0
+    return work / "out"
 
-    log_one, log_two = read(tmp_path / "one"), read(two_processes)
+
+def _close(out_a: Path, out_b: Path) -> None:
+    gaps = [abs(a["loss"] - b["loss"]) for a, b in zip(read(out_a), read(out_b), strict=True)]
+    assert max(gaps) <= LOSS_TOLERANCE, gaps
+    w_a, w_b = weights(out_a), weights(out_b)
+    assert max((w_a[k] - w_b[k]).abs().max().item() for k in w_a) <= WEIGHT_TOLERANCE
+
+
+def test_two_process_torchrun_gives_the_loss_curve_of_one_process_with_the_same_global_batch(one_process, two_processes):
+    log_one, log_two = read(one_process), read(two_processes)
     assert [r["step"] for r in log_one] == [r["step"] for r in log_two] == list(range(1, 9))
     assert [r["tokens"] for r in log_one] == [r["tokens"] for r in log_two]  # the same samples, step by step
-    gaps = [abs(a["loss"] - b["loss"]) for a, b in zip(log_one, log_two)]
-    assert max(gaps) <= LOSS_TOLERANCE, gaps
-    assert log_one[-1]["loss"] < log_one[0]["loss"] - 0.5  # and it is a curve that goes somewhere
-
-    w_one, w_two = weights(tmp_path / "one"), weights(two_processes)
-    assert max((w_one[k] - w_two[k]).abs().max().item() for k in w_one) <= WEIGHT_TOLERANCE
+    assert log_one[-1]["loss"] < log_one[0]["loss"] - 0.5  # a curve that goes somewhere
+    _close(one_process, two_processes)
 
 
 def test_a_killed_two_process_run_resumes_to_the_same_final_weights(parts, two_processes, tmp_path):
@@ -133,3 +144,33 @@ def test_resuming_with_a_changed_recipe_is_refused(parts, tmp_path, capfd):
     assert run_inprocess(["finetune", str(cfg), "lr=5e-4", "num_workers=2"]) == 1
     err = capfd.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"llava train: error: cannot resume from {ckpt}: the config changed (lr: 0.001 -> 0.0005)")
+
+
+# DeepSpeed is not among the test requirements: where it is installed (on a machine without a GPU, through its
+# CPU accelerator; accelerate turns DeepSpeed off for cpu=True, hence the small launcher), ZeRO-3 must train what
+# plain data parallelism trains, and resume after a kill.
+DEEPSPEED_LAUNCHER = """
+import sys, accelerate, torch
+if not torch.cuda.is_available():
+    init = accelerate.Accelerator.__init__
+    accelerate.Accelerator.__init__ = lambda self, *a, **k: init(self, *a, **(k | {"cpu": False}))
+from train.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")
+def test_deepspeed_zero3_trains_what_plain_data_parallel_trains_and_resumes(parts, one_process, tmp_path):
+    llm, clip, data_file, images = parts
+    cfg = write_config(tmp_path / "c.toml", "finetune", llm, clip, data_file, images, tmp_path / "out",
+                       **TWO | {"engine": "deepspeed", "deepspeed_config": "zero3.json"})
+    launch = [sys.executable, "-c", DEEPSPEED_LAUNCHER]
+    single = {"DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    killed = subprocess.run(launch + ["finetune", str(cfg)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env=env() | single | {"MASTER_PORT": str(_free_port()), "LLAVA_TRAIN_KILL_AT": "step:5"})
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert (tmp_path / "out" / "checkpoints" / "step-00000004" / "latest").is_file()  # DeepSpeed's own format
+    resumed = subprocess.run(launch + ["finetune", str(cfg)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                             env=env() | single | {"MASTER_PORT": str(_free_port())})
+    assert resumed.returncode == 0 and "(step 4)" in resumed.stderr, resumed.stderr[-3000:]
+    _close(one_process, tmp_path / "out")

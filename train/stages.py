@@ -44,9 +44,9 @@ def _deepspeed_config(cfg: Config, world: int, bf16: bool) -> dict:
     ds["train_batch_size"] = cfg.global_batch_size
     ds.setdefault("bf16", {})["enabled"] = bf16
     ds.setdefault("fp16", {})["enabled"] = False
-    # Clipping: what the JSON says. The paper's JSONs have no gradient_clipping, so LLaVA trained unclipped
-    # under DeepSpeed (the HF Trainer's max_grad_norm only fills an "auto" there); "auto" takes max_grad_norm.
-    if ds.get("gradient_clipping") == "auto":
+    # Clipping is max_grad_norm's, as with the other engines, unless the JSON names a number. (LLaVA's JSONs name
+    # none, and DeepSpeed's default then was no clipping; it is 1.0 in recent versions: too fickle to rely on.)
+    if not isinstance(ds.get("gradient_clipping"), (int, float)):
         ds["gradient_clipping"] = cfg.max_grad_norm
     from transformers import AutoConfig
 
@@ -100,7 +100,8 @@ def make_accelerator(cfg: Config):
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.accumulation_steps, sync_with_dataloader=False),
         **plugins,
     )
-    assert accelerator.num_processes == world, (accelerator.num_processes, world)
+    if accelerator.num_processes != world:
+        raise TrainError(f"the launcher started {world} processes but accelerate runs {accelerator.num_processes}")
     if cfg.engine == "fsdp" and accelerator.distributed_type.name != "FSDP" and accelerator.is_main_process:
         print("engine fsdp: accelerate shards only across several GPUs; this run is plain data parallel", file=sys.stderr)
     if cfg.tf32 and torch.cuda.is_available():

@@ -118,49 +118,6 @@ def _toml(cfg: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _bridge_piece_boundaries(tokenizer_dir: Path, log) -> None:
-    """TEMPORARY BRIDGE, to go once train/data.py checks only the edges between supervised and unsupervised text.
-
-    train/data.Encoder requires every edge between template pieces to fall between tokens, the edge between the
-    system prompt and "USER:" included. A LLaMA-style SentencePiece tokenizer (identity normalisation, as
-    LLaMA's own) reads the system prompt's trailing space as a token of its own, so that edge never falls between
-    tokens and every vicuna_v1 sample is rejected as a "tokenization mismatch", though no label depends on it.
-    When (and only when) that happens, adjacent pieces of the same supervision are merged before the check: the
-    tokens and labels are what they would be, only the spurious rejection goes.
-    """
-    from transformers import AutoTokenizer
-
-    from llavacli.prompts import Turn, get_template
-    from train import data as train_data
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    encoder = train_data.Encoder(tok, get_template("vicuna_v1"), 0, 1, 4096)
-    probe = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
-    try:
-        encoder.encode(probe)
-        return
-    except train_data.Rejected:
-        pass
-    original = train_data.Encoder.pieces
-    if getattr(original, "_miniature_bridge", False):
-        return
-
-    def pieces(self, turns: list[Turn]) -> list[tuple[str, bool]]:
-        merged: list[tuple[str, bool]] = []
-        for text, supervised in original(self, turns):
-            if merged and merged[-1][1] == supervised:
-                merged[-1] = (merged[-1][0] + text, supervised)
-            else:
-                merged.append((text, supervised))
-        return merged
-
-    pieces._miniature_bridge = True
-    train_data.Encoder.pieces = pieces
-    encoder.encode(probe)  # now it must pass
-    log("WARNING: train/data.py rejects every vicuna_v1 sample of a LLaMA-style tokenizer (the system prompt's "
-        "trailing space); the miniature merges same-supervision pieces before its check until train/ does")
-
-
 def run_stage(kind: str, out: Path, recipe: Recipe, seed: int, threads: int, log) -> dict:
     """One of LLaVA's two stages through train/, from a config file as `llava train` takes it."""
     import torch
@@ -168,8 +125,6 @@ def run_stage(kind: str, out: Path, recipe: Recipe, seed: int, threads: int, log
     from train import config as train_config
     from train.stages import run
 
-    if kind == "finetune":
-        _bridge_piece_boundaries(out / "lm", log)
 
     torch.set_num_threads(threads)
     cfg_dict = _stage_config(kind, out, recipe, seed, threads)
