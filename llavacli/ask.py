@@ -8,10 +8,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, TextIO
 
+from llavacli.cache import Cache, embeddings_key, state_key
 from llavacli.engine import Engine, Sampling, Usage
 from llavacli.errors import LlavaError
 from llavacli.images import LoadedImage
-from llavacli.prompts import Template
+from llavacli.prompts import IMAGE, Template
 
 
 @dataclass
@@ -34,20 +35,62 @@ def answer_one(
     sampling: Sampling,
     system: str | None = None,
     on_text: Callable[[str], None] | None = None,
+    cache: Cache | None = None,
 ) -> Answer:
     """A fresh conversation: system prompt, the image, the question; the answer streamed to on_text."""
     start = time.perf_counter()
-    engine.reset()
-    images = [image.image] if image is not None else []
-    engine.feed(template.opening(system) + template.question(prompt, len(images)), images)
+    text = template.opening(system) + template.question(prompt, 1 if image is not None else 0)
+    if image is None:
+        engine.reset()
+        engine.feed(text)
+    else:
+        cut = text.index(IMAGE)
+        start_from_image(engine, template.name, text[:cut], image, cache)
+        engine.feed(text[cut + len(IMAGE) :])
     usage = Usage()
     parts = []
     for piece in engine.generate(sampling, usage):
         parts.append(piece)
         if on_text is not None:
             on_text(piece)
-    text = "".join(parts)
-    return Answer(image.source if image else None, prompt, text.strip(), usage.generated_tokens, round(time.perf_counter() - start, 3))
+    answer = "".join(parts)
+    return Answer(image.source if image else None, prompt, answer.strip(), usage.generated_tokens, round(time.perf_counter() - start, 3))
+
+
+def start_from_image(engine: Engine, template_name: str, before: str, image: LoadedImage, cache: Cache | None) -> None:
+    """Make the context hold `before` then the image, doing as little of that work as the cache allows.
+
+    The three steps are the same whether or not the cache helps, so a cached answer equals an uncached one:
+    the text before the image (kept from the previous image of a batch), the image's embeddings (the
+    vision encoder), and the LLM's pass over them; the last two are what the cache saves.
+    """
+    skey = None
+    if cache is not None and cache.enabled:
+        skey = state_key(engine, image.sha256, template_name, before)
+        saved = cache.get_state(skey)
+        if saved is not None:
+            state, n_past, n_text = saved
+            if engine.load_state(state, n_past, (before, n_text)):
+                return
+    n_text = engine.start_with(before)
+    embd = image_embeddings(engine, image, cache)
+    engine.feed(IMAGE, [image.image], [embd])
+    if skey is not None:
+        state = engine.save_state()
+        if len(state) <= cache.max_bytes // 4:  # a state that would push most other entries out does not pay
+            cache.put_state(skey, state, engine.n_past, n_text)
+
+
+def image_embeddings(engine: Engine, image: LoadedImage, cache: Cache | None):
+    """The image's projected embeddings, from the cache when it has them."""
+    if cache is None or not cache.enabled:
+        return engine.image_embeddings(image.image)
+    key = embeddings_key(engine, image.sha256)
+    embd = cache.get_embeddings(key)
+    if embd is None:
+        embd = engine.image_embeddings(image.image)
+        cache.put_embeddings(key, embd)
+    return embd
 
 
 def run_ask(
@@ -62,16 +105,17 @@ def run_ask(
     labelled: bool,
     out: TextIO = sys.stdout,
     report_error: Callable[[str], None],
+    cache: Cache | None = None,
 ) -> int:
     """Answer every image; a bad image is reported and skipped. Returns the number of failures."""
     failures = 0
     if images is None:  # a text-only question
-        _emit(engine, template, prompt, None, sampling, system, as_json, False, out)
+        _emit(engine, template, prompt, None, sampling, system, as_json, False, out, cache)
         return 0
     for load in images:
         try:
             image = load()
-            _emit(engine, template, prompt, image, sampling, system, as_json, labelled, out)
+            _emit(engine, template, prompt, image, sampling, system, as_json, labelled, out, cache)
         except LlavaError as e:
             if not labelled:
                 raise
@@ -80,9 +124,9 @@ def run_ask(
     return failures
 
 
-def _emit(engine, template, prompt, image, sampling, system, as_json, labelled, out) -> None:
+def _emit(engine, template, prompt, image, sampling, system, as_json, labelled, out, cache) -> None:
     if as_json:
-        answer = answer_one(engine, template, prompt, image, sampling, system)
+        answer = answer_one(engine, template, prompt, image, sampling, system, cache=cache)
         out.write(answer.to_json() + "\n")
         out.flush()
         return
@@ -97,6 +141,6 @@ def _emit(engine, template, prompt, image, sampling, system, as_json, labelled, 
         out.write(piece)
         out.flush()
 
-    answer_one(engine, template, prompt, image, sampling, system, on_text=write)
+    answer_one(engine, template, prompt, image, sampling, system, on_text=write, cache=cache)
     out.write("\n")
     out.flush()

@@ -181,8 +181,9 @@ def conformance(use_cache: bool = True) -> Verdict:
             if cached["fingerprint"] == fingerprint:
                 return Verdict(**cached)
     verdict = measure_conformance()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(asdict(verdict)))
-    os.replace(tmp, path)
+    with contextlib.suppress(OSError):  # an unwritable cache only costs measuring again next time
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(asdict(verdict)))
+        os.replace(tmp, path)
     return verdict

@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llavacli.ask import image_embeddings
+from llavacli.cache import Cache
 from llavacli.engine import Engine, Sampling, Usage
 from llavacli.errors import BackendError, LlavaError
 from llavacli.images import LoadedImage, load_image
@@ -40,8 +42,9 @@ class Exchange:
 
 
 class ChatSession:
-    def __init__(self, engine: Engine, template: Template, sampling: Sampling, system: str | None, timings: bool):
+    def __init__(self, engine: Engine, template: Template, sampling: Sampling, system: str | None, timings: bool, cache: Cache | None = None):
         self.engine, self.template, self.sampling = engine, template, sampling
+        self.cache = cache  # image embeddings computed by earlier processes
         self.system = system
         self.timings = timings
         self.pending: list[LoadedImage] = []  # attached to the next message
@@ -69,7 +72,8 @@ class ChatSession:
         prompt += self.template.question(text, len(images))
         exchange = Exchange(text, [p.source for p in self.pending])
         try:
-            n_prompt = self.engine.feed(prompt, images)  # raises BackendError when the context is full
+            embeddings = [image_embeddings(self.engine, p, self.cache) for p in self.pending]
+            n_prompt = self.engine.feed(prompt, images, embeddings)  # raises BackendError when the context is full
         except KeyboardInterrupt:
             self.out.write("[stopped]\n")
             return None

@@ -54,6 +54,7 @@ def _check_gpu_layers(value: str) -> str:
 GpuLayersOpt = typer.Option("auto", "--gpu-layers", callback=_check_gpu_layers, help="LLM layers to offload to the GPU: auto (all that the build can), a number, or 0 for CPU only.")
 NoVisionOffloadOpt = typer.Option(False, "--no-vision-offload", help="Run the vision encoder on the CPU even when a GPU is available.")
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Show llama.cpp's log on stderr.")
+NoCacheOpt = typer.Option(False, "--no-cache", help="Neither read nor write the image cache (see `llava cache info`).")
 
 
 def _model_options(model, mmproj, ctx_size, threads, gpu_layers, no_vision_offload, verbose):
@@ -96,6 +97,7 @@ def ask(
     threads: Optional[int] = ThreadsOpt,
     gpu_layers: str = GpuLayersOpt,
     no_vision_offload: bool = NoVisionOffloadOpt,
+    no_cache: bool = NoCacheOpt,
     verbose: bool = VerboseOpt,
 ) -> None:
     """Answer PROMPT about each IMAGE once; the answer goes to stdout, everything else to stderr.
@@ -107,6 +109,7 @@ def ask(
     find . -name '*.png' | llava ask --images-from - "Is there text in this image?"
     """
     from llavacli.ask import run_ask
+    from llavacli.cache import open_cache
     from llavacli.engine import Sampling
     from llavacli.images import load_image, read_image_list
     from llavacli.runtime import open_engine, pick_template
@@ -140,6 +143,7 @@ def ask(
             as_json=as_json,
             labelled=labelled,
             report_error=lambda msg: print(f"llava: error: {msg}", file=sys.stderr),
+            cache=open_cache(enabled=not no_cache),
         )
     finally:
         engine.close()
@@ -163,6 +167,7 @@ def chat(
     gpu_layers: str = GpuLayersOpt,
     no_vision_offload: bool = NoVisionOffloadOpt,
     timings: bool = typer.Option(False, "--timings", help="After each answer, print its tokens and seconds on stderr."),
+    no_cache: bool = NoCacheOpt,
     verbose: bool = VerboseOpt,
 ) -> None:
     """Talk about images interactively. Type /help inside for the commands.
@@ -170,6 +175,7 @@ def chat(
     Each turn evaluates only its own new tokens: the image and the earlier turns stay in llama.cpp's cache.
     Without a terminal, turns are read line by line from stdin.
     """
+    from llavacli.cache import open_cache
     from llavacli.chat import ChatSession
     from llavacli.engine import Sampling
     from llavacli.images import load_image
@@ -178,7 +184,7 @@ def chat(
     loaded = [load_image(s) for s in images or []]
     engine = open_engine(_model_options(model, mmproj, ctx_size, threads, gpu_layers, no_vision_offload, verbose))
     try:
-        session = ChatSession(engine, pick_template(template, engine), Sampling(temperature, top_p, seed, max_tokens), system, timings)
+        session = ChatSession(engine, pick_template(template, engine), Sampling(temperature, top_p, seed, max_tokens), system, timings, open_cache(enabled=not no_cache))
         for image in loaded:
             session.add_image(image)
         session.run()
@@ -257,9 +263,11 @@ def train(ctx: typer.Context) -> None:
 
 
 def _mount_subcommands() -> None:
+    from llavacli.cache import cache_app
     from llavacli.models import models_app
 
     app.add_typer(models_app, name="models", help="List, download, remove and locate model presets.")
+    app.add_typer(cache_app, name="cache", help="Show or clear the cache of image work (embeddings and prompt states).")
 
 
 _mount_subcommands()

@@ -69,6 +69,7 @@ class Engine:
         proj_info = read_gguf(mmproj, "mmproj")
         _check_pair(text_info, proj_info)
         self.model_path, self.mmproj_path = Path(model), Path(mmproj)
+        self.n_gpu_layers, self.vision_offload = n_gpu_layers, bool(vision_offload and n_gpu_layers != 0)
         self.template_name = text_info.get(TEMPLATE_KEY) or DEFAULT_TEMPLATE
         self.image_size = int(proj_info.get(Keys.ClipVision.IMAGE_SIZE))
         self.image_mode = proj_info.get(IMAGE_MODE_KEY) or PAD
@@ -102,6 +103,7 @@ class Engine:
             raise ModelError(f"llama.cpp could not load mmproj {mmproj}: {backend.last_error()}")
         self._marker = mtmd_cpp.mtmd_default_marker().decode()
         self.n_past = 0
+        self._text_prefix: tuple[str, int] | None = None  # (text, tokens) known to open the context
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -128,6 +130,44 @@ class Engine:
         self.llama.reset()
         self.llama._ctx.kv_cache_clear()
         self.n_past = 0
+        self._text_prefix = None
+
+    def start_with(self, text: str) -> int:
+        """Make the context hold exactly `text` from its start; returns its tokens.
+
+        When the context already opens with that text (the same system prompt for the next image of a
+        batch), everything after it is dropped instead of evaluating the text again.
+        """
+        if self._text_prefix is not None and self._text_prefix[0] == text and self.n_past >= self._text_prefix[1]:
+            self.truncate(self._text_prefix[1])
+        else:
+            self.reset()
+            self.feed(text)
+            self._text_prefix = (text, self.n_past)
+        return self.n_past
+
+    # -- sequence state: the KV cache of the conversation, as bytes ----------------------------------------
+
+    def save_state(self) -> bytes:
+        """The context's KV cache (sequence 0) as llama.cpp serialises it."""
+        ctx = self.llama.ctx
+        size = self._llama_cpp.llama_state_seq_get_size(ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        written = self._llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0)
+        if written == 0:
+            raise BackendError("llama.cpp could not save the context state")
+        return bytes(buf)[:written]
+
+    def load_state(self, data: bytes, n_past: int, text_prefix: tuple[str, int] | None = None) -> bool:
+        """Replace the context with a saved one holding n_past positions; False if llama.cpp refuses it."""
+        self.reset()
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if self._llama_cpp.llama_state_seq_set_data(self.llama.ctx, buf, len(data), 0) == 0:
+            self.reset()
+            return False
+        self.llama.n_tokens = self.n_past = n_past
+        self._text_prefix = text_prefix
+        return True
 
     # -- images ----------------------------------------------------------------------------------------
 
@@ -202,12 +242,14 @@ class Engine:
         finally:
             self._mtmd.mtmd_input_chunks_free(chunks)
 
-    def feed(self, text: str, images: list[Image.Image] = ()) -> int:
+    def feed(self, text: str, images: list[Image.Image] = (), embeddings: list[np.ndarray | None] | None = None) -> int:
         """Evaluate prompt text (IMAGE marks each image) after what the context holds; returns its tokens.
 
-        Interrupted (Ctrl-C), it leaves the context as it was before the call.
+        `embeddings`, where given for an image, are its image_embeddings() computed before: the vision
+        encoder is skipped for it. Interrupted (Ctrl-C), it leaves the context as it was before the call.
         """
         start = self.n_past
+        precomputed = iter(embeddings or [])
         try:
             with _deferred_ctrl_c():
                 chunks = self._tokenize(text, list(images))
@@ -222,7 +264,7 @@ class Engine:
                         if tokens is not None:
                             self._eval_tokens(tokens)
                         else:
-                            self._eval_image_chunk(chunk)
+                            self._eval_image_chunk(chunk, next(precomputed, None))
                     return needed
                 finally:
                     self._mtmd.mtmd_input_chunks_free(chunks)
@@ -234,6 +276,8 @@ class Engine:
         """Drop everything after the first n_past positions from the context."""
         self.llama._ctx.kv_cache_seq_rm(-1, n_past, -1)
         self.llama.n_tokens = self.n_past = n_past
+        if self._text_prefix is not None and n_past < self._text_prefix[1]:
+            self._text_prefix = None
 
     def _eval_tokens(self, tokens: list[int]) -> None:
         if not tokens:
@@ -244,11 +288,20 @@ class Engine:
             raise BackendError(f"llama.cpp failed to evaluate the prompt: {e}") from None
         self.n_past = self.llama.n_tokens
 
-    def _eval_image_chunk(self, chunk) -> None:
+    def _eval_image_chunk(self, chunk, embd: np.ndarray | None = None) -> None:
         new_n_past = self._llama_cpp.llama_pos(0)
-        rc = self._mtmd.mtmd_helper_eval_chunk_single(
-            self._mctx, self.llama.ctx, chunk, self.n_past, 0, self.llama.n_batch, False, ctypes.byref(new_n_past)
-        )
+        n_tokens = self._mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+        if embd is not None and embd.shape == (n_tokens, self.llama.n_embd()):
+            # What mtmd_helper_eval_chunk_single does after encoding, so the result is the same.
+            embd = np.ascontiguousarray(embd, dtype=np.float32)
+            rc = self._mtmd.mtmd_helper_decode_image_chunk(
+                self._mctx, self.llama.ctx, chunk, embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                self.n_past, 0, self.llama.n_batch, ctypes.byref(new_n_past), self._mtmd.mtmd_helper_post_decode_callback(), None,
+            )
+        else:
+            rc = self._mtmd.mtmd_helper_eval_chunk_single(
+                self._mctx, self.llama.ctx, chunk, self.n_past, 0, self.llama.n_batch, False, ctypes.byref(new_n_past)
+            )
         if rc != 0:
             raise BackendError(f"llama.cpp failed to evaluate the image (code {rc}): {backend.last_error()}")
         self.n_past = self.llama.n_tokens = new_n_past.value
