@@ -154,6 +154,16 @@ def test_lm_documents_use_the_vicuna_template_or_prose(dataset):
     assert all(d.startswith("A chat between a curious user") and d.endswith("</s>") for d in chats)
 
 
+def test_patch_words_name_each_cell_in_reading_order():
+    scene = D.Scene("x", "white", [D.Shape("star", "red", "large", (0, 2), 0.83, 0.17, 0.1), D.Shape("circle", "blue", "small", (2, 0), 0.17, 0.83, 0.07)])
+    words = D.grid_text(scene).split()
+    assert len(words) == D.PATCHES**2
+    grid = [words[r * D.PATCHES : (r + 1) * D.PATCHES] for r in range(D.PATCHES)]
+    assert grid[0][4:] == grid[1][4:] == ["largeredstar"] * 2
+    assert grid[4][:2] == grid[5][:2] == ["smallbluecircle"] * 2
+    assert sum(w != D.EMPTY for w in words) == 8
+
+
 def test_vision_tower_shape_suits_llama_cpp():
     shape = V.TowerShape()
     cfg = V.tower_config(shape)
@@ -170,7 +180,7 @@ def test_patch_targets_follow_the_shapes():
         scene = _scene(seed)
         t = V.scene_targets(scene, shape)
         assert int(t["total"]) == len(scene.shapes)
-        assert int(t["centre"].sum()) == len(scene.shapes)
+        assert int((t["color"] > 0).sum()) == 4 * len(scene.shapes), "each shape owns its cell's 2 x 2 patches"
         covered = t["color"] > 0
         assert (covered == (t["kind"] > 0)).all()
         got = {(c, k) for c, k in zip(t["color"][covered], t["kind"][covered])}

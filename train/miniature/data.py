@@ -74,6 +74,8 @@ KIND_COLOR, KIND_SHAPE, KIND_COUNT, KIND_YESNO, KIND_CHOICE = "colour", "shape",
 EVAL_KINDS = (KIND_COLOR, KIND_SHAPE, KIND_COUNT, KIND_YESNO, KIND_CHOICE)
 
 IMAGE_SIZE = 192  # stored pictures; the vision tower sees them resized by llavacli.images.preprocess
+TOWER_SIZE = 96  # what the vision tower sees ...
+PATCHES = 6  # ... as PATCHES x PATCHES patches: each grid cell is 2 x 2 patches
 RENDER_SCALE = 2  # drawn at twice the size, then downsampled (anti-aliasing)
 
 
@@ -216,6 +218,33 @@ def label_map(scene: Scene, size: int) -> Image.Image:
     for i, (s, angle) in enumerate(zip(scene.shapes, scene.rotation)):
         _draw_shape(draw, s, size, i + 1, angle)
     return img
+
+
+def patch_owners(scene: Scene, patches: int = PATCHES) -> np.ndarray:
+    """For each patch of the tower's grid (row-major), the index of the shape whose cell holds it, or -1.
+
+    A cell is (patches / GRID)^2 patches and its shape sits at their meeting point, so every patch of the
+    cell shows a quadrant of that shape and no other: each shape owns exactly that many patches."""
+    per = patches // GRID
+    owners = np.full((patches, patches), -1, dtype=np.int64)
+    for i, s in enumerate(scene.shapes):
+        r, c = s.cell
+        owners[r * per : (r + 1) * per, c * per : (c + 1) * per] = i
+    return owners.reshape(-1)
+
+
+EMPTY = "empty"
+
+
+def patch_word(s: Shape | None) -> str:
+    return EMPTY if s is None else f"{s.size}{s.color}{s.kind}"
+
+
+def grid_text(scene: Scene) -> str:
+    """The scene as the vision tower's patches would name it: one word per patch, row by row ("empty" where
+    no shape is). The language model reads this where the picture will later be, so what the projector has to
+    learn is only which patch is which word."""
+    return " ".join(patch_word(scene.shapes[i] if i >= 0 else None) for i in patch_owners(scene))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -516,23 +545,32 @@ def eval_question(scene: Scene, image: str, rng: random.Random, kind: str, qid: 
 
 
 def lm_document(scene: Scene, rng: random.Random) -> str:
-    """Text the language model is pre-trained on: the scene in words, then questions about it answered.
+    """Text the language model is pre-trained on, shaped like what stages 1 and 2 will show it.
 
-    Half are plain prose (captions, descriptions); half are conversations in the vicuna_v1 layout where the
-    description stands where the picture will later stand, so the model learns to answer from its context.
+    - prose (1 in 5): a caption and a detailed description;
+    - stage-1 shape (1 in 5): the scene's patch words (grid_text), then its caption, as `plain` renders an
+      image and its caption;
+    - stage-2 shape (3 in 5): a vicuna_v1 conversation with the patch words where the image will be, then
+      questions of every kind answered (short answers with LLaVA's suffixes, or sentences).
     """
     from llavacli.prompts import Turn, get_template
 
-    if rng.random() < 0.4:
+    r = rng.random()
+    if r < 0.2:
         return caption(scene, rng) + " " + description(scene)
+    if r < 0.4:
+        return grid_text(scene) + " " + caption(scene, rng) + "\n"
     maker_pool = SHORT_MAKERS + CHAT_MAKERS + [qa_reasoning]
     turns = []
     for i in range(rng.randint(2, 5)):
-        qa = rng.choice(maker_pool)(scene, rng)
-        short = rng.random() < 0.5 and qa.kind != "reasoning"
+        if i == 0 and rng.random() < 0.15:
+            qa = QA(rng.choice(Q_DETAIL), "", description(scene), "detail")
+        else:
+            qa = rng.choice(maker_pool)(scene, rng)
+        short = rng.random() < 0.6 and qa.kind not in ("reasoning", "detail")
         text = short_prompt(qa) if short else qa.question
         if i == 0:
-            text = description(scene) + "\n" + text
+            text = grid_text(scene) + "\n" + text
         turns.append(Turn(text, 0, qa.short if short else qa.long))
     return get_template("vicuna_v1").render(turns)
 

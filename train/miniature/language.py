@@ -21,9 +21,11 @@ from pathlib import Path
 
 import sentencepiece as spm
 import torch
+from torch import nn
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from llavacli.prompts import IMAGE
+from train.miniature import data as D
 
 PAD = "<pad>"
 
@@ -60,6 +62,7 @@ def train_tokenizer(out_dir: Path, documents: list[str], vocab: int, seed: int =
         remove_extra_whitespaces=False,
         add_dummy_prefix=True,
         allow_whitespace_only_pieces=True,
+        max_sentencepiece_length=24,  # the patch words (grid_text) are one piece each, "▁smallyellowtriangle" included
         input_sentence_size=200000,
         shuffle_input_sentence=False,
         num_threads=1,
@@ -108,15 +111,63 @@ class LMTraining:
 
 
 def pack(tok, documents: list[str], seq: int) -> torch.Tensor:
-    """All documents as one token stream (bos ... eos each), cut into rows of `seq` tokens."""
-    stream: list[int] = []
+    """The documents (bos ... eos each) packed whole into rows of `seq` tokens, padded at the end of a row.
+
+    A document is never cut across rows: its questions are about its own grid, which must be in view."""
+    rows: list[list[int]] = [[]]
     for doc in documents:
         ids = tok(doc, add_special_tokens=True)["input_ids"]
         if ids[-1] != tok.eos_token_id:
             ids.append(tok.eos_token_id)
-        stream.extend(ids)
-    rows = len(stream) // seq
-    return torch.tensor(stream[: rows * seq], dtype=torch.long).view(rows, seq)
+        ids = ids[:seq]
+        if len(rows[-1]) + len(ids) > seq:
+            rows.append([])
+        rows[-1].extend(ids)
+    pad = tok.pad_token_id
+    return torch.tensor([r + [pad] * (seq - len(r)) for r in rows if r], dtype=torch.long)
+
+
+def patch_word_parts(tok) -> dict[int, list[int]]:
+    """Token id of each patch word ("▁largeredstar") -> the token ids of its parts ("▁large", "▁red", "▁star")."""
+    from train.miniature import data as D
+
+    parts = {}
+    for kind in D.SHAPES:
+        for color in D.COLORS:
+            for size in D.SIZES:
+                word = tok(D.patch_word(D.Shape(kind, color, size, (0, 0), 0, 0, 0)), add_special_tokens=False).input_ids
+                pieces = [tok(w, add_special_tokens=False).input_ids for w in (size, color, kind)]
+                if len(word) != 1 or any(len(p) != 1 for p in pieces):
+                    raise RuntimeError(f"patch word {word} or its parts are not single tokens; retrain the tokenizer")
+                parts[word[0]] = [p[0] for p in pieces]
+    return parts
+
+
+class ComposedEmbedding:
+    """Patch words embedded as the sum of their parts' embeddings (e(largeredstar) = e(large) + e(red) + e(star)),
+    so "star" in a question and "largeredstar" in the grid share a direction from the first step. Only during
+    pre-training; the saved model has the sums written into its embedding matrix, an ordinary LLaMA."""
+
+    def __init__(self, model, parts: dict[int, list[int]]):
+        self.embed = model.get_input_embeddings()
+        self.words = torch.tensor(sorted(parts))
+        self.parts = torch.tensor([parts[w] for w in sorted(parts)])
+
+    def matrix(self) -> torch.Tensor:
+        w = self.embed.weight
+        return w.index_copy(0, self.words, w[self.parts].sum(1))
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(input_ids, self.matrix())
+
+    @torch.no_grad()
+    def bake(self) -> None:
+        self.embed.weight.copy_(self.matrix())
+
+
+def grid_mask(ids: torch.Tensor, words: torch.Tensor, empty: int, pad: int | None = None) -> torch.Tensor:
+    """True where a token is a patch word (input, like an image's tokens, never a prediction target) or padding."""
+    return torch.isin(ids, torch.cat([words, torch.tensor([empty] + ([pad] if pad is not None else []))]))
 
 
 def cosine_lr(step: int, total: int, base: float, warmup: float) -> float:
@@ -141,6 +192,8 @@ def pretrain_lm(
     tok = hf_tokenizer(out_dir)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(lm_config(shape, tok))
+    composed = ComposedEmbedding(model, patch_word_parts(tok))
+    empty = tok(D.EMPTY, add_special_tokens=False).input_ids[0]
     rows = pack(tok, documents, cfg.seq)
     held = pack(tok, heldout, cfg.seq)
     log(f"language model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {rows.numel()} training tokens")
@@ -149,6 +202,11 @@ def pretrain_lm(
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98)
     )
+
+    def loss_of(batch: torch.Tensor) -> torch.Tensor:
+        labels = batch.masked_fill(grid_mask(batch, composed.words, empty, tok.pad_token_id), -100)
+        return model(inputs_embeds=composed(batch), labels=labels).loss
+
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(rows), generator=gen)
     curve = []
@@ -161,7 +219,7 @@ def pretrain_lm(
         batch = rows[order[lo : lo + cfg.batch]]
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup)
-        loss = model(input_ids=batch, labels=batch).loss
+        loss = loss_of(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -169,9 +227,10 @@ def pretrain_lm(
         curve.append(loss.item())
         if (step + 1) % 25 == 0 or step + 1 == cfg.steps:
             log(f"language step {step + 1}/{cfg.steps} loss {sum(curve[-25:]) / len(curve[-25:]):.4f} ({time.time() - start:.0f}s)")
+    composed.bake()
     model.eval()
     with torch.no_grad():
-        held_loss = float(sum(model(input_ids=held[i : i + 16], labels=held[i : i + 16]).loss for i in range(0, len(held), 16)) / max(1, math.ceil(len(held) / 16)))
+        held_loss = float(sum(loss_of(held[i : i + 16]) for i in range(0, len(held), 16)) / max(1, math.ceil(len(held) / 16)))
     log(f"language held-out loss {held_loss:.4f}")
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)

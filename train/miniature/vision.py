@@ -10,8 +10,9 @@ would read equal sizes as swapped weights).
 Objective: instead of CLIP's caption contrast (which needs a text tower and far more data than a few minutes
 allow), the tower learns from what the generator knows about every picture, read out linearly:
 
-- per patch, from the penultimate layer (the features LLaVA uses): the colour, kind and size of the shape that
-  covers it (or background), and whether a shape's centre lies in it;
+- per patch, from the penultimate layer (the features LLaVA uses): the colour, kind and size of the shape in
+  the patch's cell (or none). These are exactly the patch words
+  that the language model read in pre-training (data.grid_text), so the projector has an easy job;
 - per picture, from the mean of those patch states and from the final layer's pooled CLS: how many shapes
   there are, and how many of each colour and each kind.
 
@@ -37,14 +38,12 @@ from train.miniature import data as D
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 FEATURE_LAYER = -2  # LLaVA's vision_feature_layer
-COVER_MIN = 0.05  # a patch belongs to a shape when the shape covers at least this share of it (small
-# triangles and stars cover little of any one patch; a patch never holds two shapes, cells being 2 x 2 patches)
 
 
 @dataclass(frozen=True)
 class TowerShape:
-    image_size: int = 96
-    patch_size: int = 16
+    image_size: int = D.TOWER_SIZE
+    patch_size: int = D.TOWER_SIZE // D.PATCHES
     hidden: int = 128
     ff: int = 512
     layers: int = 4
@@ -106,28 +105,19 @@ SIZE_INDEX = {s: i + 1 for i, s in enumerate(D.SIZES)}
 
 
 def scene_targets(scene: D.Scene, shape: TowerShape) -> dict[str, np.ndarray]:
-    g, p = shape.grid, shape.patch_size
-    owner = np.asarray(D.label_map(scene, shape.image_size), dtype=np.int64)  # 0 background, i+1 shape i
+    g = shape.grid
+    owners = D.patch_owners(scene, g).reshape(g, g)
     n_obj = len(scene.shapes)
-    # coverage[r, c, i]: share of patch (r, c) covered by shape i
-    blocks = owner.reshape(g, p, g, p).transpose(0, 2, 1, 3).reshape(g, g, p * p)
-    coverage = np.stack([(blocks == i + 1).mean(-1) for i in range(n_obj)], -1)
-    best = coverage.argmax(-1)
-    covered = coverage.max(-1) >= COVER_MIN
     color = np.zeros((g, g), np.int64)
     kind = np.zeros((g, g), np.int64)
     size = np.zeros((g, g), np.int64)
     for i, s in enumerate(scene.shapes):
-        mask = covered & (best == i)
+        mask = owners == i
         color[mask], kind[mask], size[mask] = COLOR_INDEX[s.color], KIND_INDEX[s.kind], SIZE_INDEX[s.size]
-    centre = np.zeros((g, g), np.int64)
-    for s in scene.shapes:
-        centre[min(int(s.y * g), g - 1), min(int(s.x * g), g - 1)] = 1
     return {
         "color": color.reshape(-1),
         "kind": kind.reshape(-1),
         "size": size.reshape(-1),
-        "centre": centre.reshape(-1),
         "total": np.int64(n_obj),
         "per_color": np.array([scene.count(color=c) for c in D.COLORS], np.int64),
         "per_kind": np.array([scene.count(kind=k) for k in D.SHAPES], np.int64),
@@ -140,7 +130,6 @@ class Heads(nn.Module):
         self.color = nn.Linear(hidden, N_COLOR)
         self.kind = nn.Linear(hidden, N_KIND)
         self.size = nn.Linear(hidden, N_SIZE)
-        self.centre = nn.Linear(hidden, 2)
         n_global = N_COUNT * (1 + len(D.COLORS) + len(D.SHAPES))
         self.pooled = nn.Linear(hidden, n_global)  # from the mean patch state (the features LLaVA sees)
         self.cls = nn.Linear(hidden, n_global)  # from the final pooled CLS (trains the last layer)
@@ -149,12 +138,11 @@ class Heads(nn.Module):
         out = tower(pixel_values=pixels, output_hidden_states=True)
         feats = out.hidden_states[FEATURE_LAYER][:, 1:]  # (B, N, H): the patches LLaVA projects
         ce = nn.functional.cross_entropy
-        covered = t["color"].flatten() > 0  # kind and size are only asked of patches a shape covers
+        covered = t["color"].flatten() > 0  # kind and size are only asked of patches in a shape's cell
         losses = {
             "color": ce(self.color(feats).flatten(0, 1), t["color"].flatten()),
             "kind": ce(self.kind(feats).flatten(0, 1)[covered], t["kind"].flatten()[covered]),
             "size": ce(self.size(feats).flatten(0, 1)[covered], t["size"].flatten()[covered]),
-            "centre": ce(self.centre(feats).flatten(0, 1), t["centre"].flatten(), weight=torch.tensor([1.0, 4.0])),
         }
         counts = torch.cat([t["total"][:, None], t["per_color"], t["per_kind"]], 1)  # (B, 12)
         for name, h in (("pooled", self.pooled(feats.mean(1))), ("cls", self.cls(out.pooler_output))):
@@ -266,7 +254,6 @@ def evaluate_tower(tower: CLIPVisionModel, heads: Heads, x: torch.Tensor, t: dic
     hits = {"color": 0, "kind": 0, "size": 0}
     covered = 0
     total_hits = 0
-    centre_hits = 0
     for b in range(0, len(x), 100):
         out = tower(pixel_values=normalise(x[b : b + 100]), output_hidden_states=True)
         feats = out.hidden_states[FEATURE_LAYER][:, 1:]
@@ -277,12 +264,10 @@ def evaluate_tower(tower: CLIPVisionModel, heads: Heads, x: torch.Tensor, t: dic
             hits[k] += int(((pred == t[k][b : b + 100]) & mask).sum())
         logits = heads.pooled(feats.mean(1)).view(len(feats), -1, N_COUNT)
         total_hits += int((logits[:, 0].argmax(-1) == t["total"][b : b + 100]).sum())
-        centre_hits += int((heads.centre(feats).argmax(-1).sum(-1) == t["total"][b : b + 100]).sum())
     n = len(x)
     return {
         **{f"patch_{k}": v / max(1, covered) for k, v in hits.items()},
         "count": total_hits / n,
-        "count_by_centres": centre_hits / n,
     }
 
 
