@@ -12,7 +12,6 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import sentencepiece as spm
 import torch
 from safetensors.torch import save_file
 from transformers import (
@@ -24,6 +23,8 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
 )
+
+from train.miniature.language import train_tokenizer
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -57,7 +58,7 @@ V1 = Shape(image_size=224, projector="linear")
 
 
 def train_sentencepiece(out_dir: Path, vocab_size: int = 400, seed: int = 0) -> Path:
-    """A LLaMA-style SentencePiece model trained on seeded text.
+    """A LLaMA-style SentencePiece model trained on seeded text (the project's own trainer).
 
     As LLaMA's: unk 0, bos 1, eos 2, byte fallback, split digits, a dummy prefix, and no normaliser (identity,
     whitespace kept): "USER: " keeps its trailing "▁", which LLaVA's prompts rely on.
@@ -67,26 +68,9 @@ def train_sentencepiece(out_dir: Path, vocab_size: int = 400, seed: int = 0) -> 
         " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + rng.choice(".?!")
         for _ in range(3000)
     ]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences),
-        model_prefix=str(out_dir / "tokenizer"),
-        vocab_size=vocab_size,
-        model_type="bpe",
-        byte_fallback=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        character_coverage=1.0,
-        split_digits=True,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True,
-        minloglevel=2,
-    )
-    (out_dir / "tokenizer.vocab").unlink()
-    return out_dir / "tokenizer.model"
+    path = train_tokenizer(out_dir, sentences, vocab_size, seed=seed)
+    (out_dir / "tokenizer.vocab").unlink(missing_ok=True)
+    return path
 
 
 def hf_tokenizer(spm_dir: Path, *, image_token: bool):
