@@ -33,15 +33,8 @@ $(STAMP): pyproject.toml backend/build.sh backend/llava-cls-first.patch
 test: install
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
-DEMO_GGUF := llavacli/data/demo/demo.gguf
-TINY_GGUF := $(VENV)/tiny-demo/gguf/tiny-demo.gguf
-
 demo: install
-	@if [ -f $(DEMO_GGUF) ]; then model=demo; else \
-	  echo "demo: the trained demo model is not shipped yet; asking a tiny random LLaVA built here (its answer is noise)" >&2; \
-	  [ -f $(TINY_GGUF) ] || $(PY) examples/tiny_demo.py $(VENV)/tiny-demo >/dev/null 2>&1 || exit 1; \
-	  model=$(TINY_GGUF); fi; \
-	set -x; $(VENV)/bin/llava ask --model $$model examples/shapes-1.png "What shapes do you see?" --max-tokens 32
+	$(VENV)/bin/llava ask --model demo examples/shapes-1.png "Describe the image in detail."
 
 clean:
 	rm -rf $(VENV) build *.egg-info

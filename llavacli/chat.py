@@ -96,7 +96,7 @@ class ChatSession:
             self.note("the context is full; /clear starts over")
         if self.timings:
             took = time.perf_counter() - start
-            self.note(f"turn {len(self.transcript)}: {n_prompt} prompt + {usage.generated_tokens} generated tokens, {took:.2f} s")
+            self.note(f"turn {len(self.transcript)}: {n_prompt} prompt + {usage.generated_tokens} generated tokens, {took:.3f} s")
         return exchange
 
     # -- commands --------------------------------------------------------------------------------------

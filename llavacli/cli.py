@@ -217,6 +217,69 @@ def convert(
     print(outputs.mmproj)
 
 
+@app.command(name="eval")
+def eval_(
+    model: str = typer.Argument(..., help="A GGUF file (its mmproj found beside it) or a preset name, as --model of `llava ask`."),
+    questions: Path = typer.Argument(..., help="Questions JSONL: one {\"text\", \"image\", \"answer\", \"kind\"} object per line; images relative to the file."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write every prediction (JSONL). Default: QUESTIONS.MODEL.predictions.jsonl here.", show_default=False),
+    force: bool = typer.Option(False, "--force", help="Replace the predictions file if it exists."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N questions of each kind.", show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table."),
+    mmproj: Optional[Path] = MmprojOpt,
+    system: Optional[str] = SystemOpt,
+    template: Optional[str] = TemplateOpt,
+    max_tokens: int = typer.Option(16, "--max-tokens", "-n", min=1, help="Most tokens per answer (short answers need few)."),
+    ctx_size: int = typer.Option(2048, "--ctx-size", "-c", min=64, help="Context length in tokens."),
+    threads: Optional[int] = ThreadsOpt,
+    gpu_layers: str = GpuLayersOpt,
+    no_vision_offload: bool = NoVisionOffloadOpt,
+    no_cache: bool = NoCacheOpt,
+    verbose: bool = VerboseOpt,
+) -> None:
+    """Score MODEL on a questions file with LLaVA's rules, through the same runtime as `llava ask`.
+
+    Short answers by normalised exact match, multiple choice (kind "multiple choice" or rule "letter") by the
+    answer letter, yes/no questions POPE-style (accuracy, precision, recall, F1, yes-ratio). Greedy decoding.
+
+    \b
+    llava eval demo questions.jsonl
+    llava eval model.gguf questions.jsonl --limit 50 --out preds.jsonl
+    """
+    import json
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from llavacli.cache import open_cache
+    from llavacli.eval import default_output, read_questions, run_eval, summary_table
+    from llavacli.runtime import open_engine, pick_template, stderr
+
+    records = read_questions(questions, limit)
+    out = out or default_output(questions, model)
+    if out.exists() and not force:
+        raise InputError(f"{out} exists; pass --force to replace it or --out to write elsewhere")
+    if not out.parent.is_dir():
+        raise InputError(f"{out.parent}: no such directory for --out")
+    engine = open_engine(_model_options(model, mmproj, ctx_size, threads, gpu_layers, no_vision_offload, verbose))
+    columns = (TextColumn("answering"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    try:
+        with Progress(*columns, console=stderr, transient=True, disable=not sys.stderr.isatty()) as bar:
+            task = bar.add_task("", total=len(records))
+            summary = run_eval(
+                engine,
+                pick_template(template, engine),
+                records,
+                out,
+                max_tokens=max_tokens,
+                system=system,
+                cache=open_cache(enabled=not no_cache),
+                progress=lambda n: bar.advance(task, n),
+            )
+    finally:
+        engine.close()
+    print(json.dumps(summary, indent=1) if as_json else summary_table(summary))
+    print(f"predictions: {out}", file=sys.stderr)
+
+
 @app.command()
 def info(
     check: bool = typer.Option(False, "--check", help="Measure the backend's LLaVA conformance again instead of using the cached verdict."),

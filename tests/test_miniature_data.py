@@ -151,56 +151,14 @@ def test_lm_documents_use_the_vicuna_template_or_prose(dataset):
     assert len(docs) == SMALL.lm_documents
     chats = [d for d in docs if "ASSISTANT:" in d]
     assert chats and len(chats) < len(docs)
-    assert all(d.startswith("A chat between a curious user") and d.endswith("</s>") for d in chats)
+    assert all(d.startswith(("A chat between a curious user", "USER: ")) and d.endswith("</s>") for d in chats)
 
 
 def test_patch_words_name_each_cell_in_reading_order():
     scene = D.Scene("x", "white", [D.Shape("star", "red", "large", (0, 2), 0.83, 0.17, 0.1), D.Shape("circle", "blue", "small", (2, 0), 0.17, 0.83, 0.07)])
     words = D.grid_text(scene).split()
     assert len(words) == D.PATCHES**2
-    grid = [words[r * D.PATCHES : (r + 1) * D.PATCHES] for r in range(D.PATCHES)]
-    assert grid[0][4:] == grid[1][4:] == ["largeredstar"] * 2
-    assert grid[4][:2] == grid[5][:2] == ["smallbluecircle"] * 2
-    assert sum(w != D.EMPTY for w in words) == 8
-
-
-def test_vision_tower_shape_suits_llama_cpp():
-    shape = V.TowerShape()
-    cfg = V.tower_config(shape)
-    assert cfg.intermediate_size != cfg.hidden_size
-    assert cfg.image_size % cfg.patch_size == 0
-    assert cfg.hidden_act == "quick_gelu"
-    assert shape.grid * shape.patch_size == shape.image_size
-    assert shape.grid % D.GRID == 0, "each scene cell is a whole number of patches"
-
-
-def test_patch_targets_follow_the_shapes():
-    shape = V.TowerShape()
-    for seed in range(10):
-        scene = _scene(seed)
-        t = V.scene_targets(scene, shape)
-        assert int(t["total"]) == len(scene.shapes)
-        assert int((t["color"] > 0).sum()) == 4 * len(scene.shapes), "each shape owns its cell's 2 x 2 patches"
-        covered = t["color"] > 0
-        assert (covered == (t["kind"] > 0)).all()
-        got = {(c, k) for c, k in zip(t["color"][covered], t["kind"][covered])}
-        expected = {(V.COLOR_INDEX[s.color], V.KIND_INDEX[s.kind]) for s in scene.shapes}
-        assert got == expected
-
-
-def test_tokenizer_follows_llama_conventions(tmp_path):
-    from train.miniature import language as L
-
-    docs = D.read_lm_documents  # noqa: F841  (documents come from the generator below)
-    rng = random.Random(0)
-    texts = [D.lm_document(_scene(i), rng) for i in range(200)]
-    L.train_tokenizer(tmp_path, texts, vocab=600)
-    tok = L.hf_tokenizer(tmp_path)
-    assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
-    ids = tok("How many stars?").input_ids
-    assert ids[0] == 1, "BOS first"
-    assert tok("ok</s>", add_special_tokens=False).input_ids[-1] == 2, "</s> in text is EOS"
-    assert tok.convert_tokens_to_ids(IMAGE) == len(tok) - 2 and tok.pad_token_id == len(tok) - 1
-    unseen = tok("ü", add_special_tokens=False).input_ids
-    assert all(tok.convert_ids_to_tokens(i).startswith("<0x") or tok.convert_ids_to_tokens(i) == "▁" for i in unseen), "byte fallback"
-    assert tok.decode(tok("What color is the star?\nA. red", add_special_tokens=False).input_ids) == "What color is the star?\nA. red"
+    per = D.PATCHES // D.GRID
+    assert words[(per - 1) * D.PATCHES + D.PATCHES - 1] == "largeredstar"
+    assert words[(D.PATCHES - 1) * D.PATCHES] == "smallbluecircle"
+    assert sum(w != D.EMPTY for w in words) == 2 * per * per

@@ -138,35 +138,16 @@ def table(summary: dict, other: dict | None = None, names: tuple[str, str] = ("t
 
 
 def run_eval_llamacpp(
-    text_gguf: Path, mmproj_gguf: Path, questions: Path, out: Path | None = None, limit: int | None = None, threads: int = 2, log=None
+    text_gguf: Path, mmproj_gguf: Path, questions: Path, out: Path, limit: int | None = None, threads: int = 2
 ) -> dict:
-    """The same questions through llama.cpp (llavacli.engine, the runtime of `llava ask`), scored the same way.
+    """The same questions through llama.cpp, by the code behind `llava eval` (llavacli.eval): the runtime of
+    `llava ask`, scored the same way. Predictions go to out.jsonl, the summary to out."""
+    from llavacli.eval import read_questions, run_eval
+    from llavacli.engine import Engine
+    from llavacli.prompts import get_template
 
-    Until `llava eval` exists this is how the miniature's llama.cpp figures are measured.
-    """
-    from llavacli.ask import answer_one
-    from llavacli.engine import Engine, Sampling
-    from llavacli.images import load_image
-
-    records = read_questions(questions)
-    if limit:
-        seen: dict[str, int] = {}
-        records = [r for r in records if seen.setdefault(r["kind"], 0) < limit and not seen.__setitem__(r["kind"], seen[r["kind"]] + 1)]
-    template = get_template("vicuna_v1")
-    predictions = []
+    records = read_questions(questions, limit)
     with Engine(text_gguf, mmproj_gguf, n_ctx=1024, n_threads=threads, n_gpu_layers=0) as engine:
-        for i, r in enumerate(records):
-            image = load_image(str(questions.parent / r["image"]))
-            predictions.append(answer_one(engine, template, r["text"], image, Sampling(max_tokens=12)).answer)
-            if log and (i + 1) % 250 == 0:
-                log(f"llama.cpp eval: {i + 1}/{len(records)}")
-    summary = evaluate.summarize(records, predictions)
-    summary["chance"] = evaluate.chance(records)
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out.with_suffix(".jsonl"), "w") as f:
-            for r, p in zip(records, predictions):
-                s = evaluate.score(r, p)
-                f.write(json.dumps({"question_id": r["question_id"], "kind": r["kind"], "prediction": p, "answer": r["answer"], "correct": s.correct}) + "\n")
-        out.write_text(json.dumps(summary, indent=1) + "\n")
+        summary = run_eval(engine, get_template(engine.template_name), records, out.with_suffix(".jsonl"), max_tokens=12)
+    out.write_text(json.dumps(summary, indent=1) + "\n")
     return summary

@@ -53,7 +53,7 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 }
 MAX_OBJECTS = 5
 GRID = 3
-JITTER = 0.02  # how far (as a fraction of the picture) a shape's centre strays from its cell's centre
+JITTER = 0.035  # how far (as a fraction of the picture) a shape's centre strays from its cell's centre
 CELLS = [(r, c) for r in range(GRID) for c in range(GRID)]
 # Where a cell is, as a short answer and inside a sentence.
 POSITION = {
@@ -75,7 +75,7 @@ EVAL_KINDS = (KIND_COLOR, KIND_SHAPE, KIND_COUNT, KIND_YESNO, KIND_CHOICE)
 
 IMAGE_SIZE = 192  # stored pictures; the vision tower sees them resized by llavacli.images.preprocess
 TOWER_SIZE = 96  # what the vision tower sees ...
-PATCHES = 6  # ... as PATCHES x PATCHES patches: each grid cell is 2 x 2 patches
+PATCHES = 3  # ... as PATCHES x PATCHES patches: one patch per grid cell, one image token per place
 RENDER_SCALE = 2  # drawn at twice the size, then downsampled (anti-aliasing)
 
 
@@ -223,8 +223,8 @@ def label_map(scene: Scene, size: int) -> Image.Image:
 def patch_owners(scene: Scene, patches: int = PATCHES) -> np.ndarray:
     """For each patch of the tower's grid (row-major), the index of the shape whose cell holds it, or -1.
 
-    A cell is (patches / GRID)^2 patches and its shape sits at their meeting point, so every patch of the
-    cell shows a quadrant of that shape and no other: each shape owns exactly that many patches."""
+    A cell is (patches / GRID)^2 patches (one, as the miniature is built) and its shape lies inside it, so a
+    patch shows at most one shape."""
     per = patches // GRID
     owners = np.full((patches, patches), -1, dtype=np.int64)
     for i, s in enumerate(scene.shapes):
@@ -360,25 +360,29 @@ class QA:
     choices: list[str] | None = None
 
 
+PLACE_REF = 0.1  # how often a colour or shape question names its shape by place even when it could by kind/colour
+
+
 def qa_color(scene: Scene, rng: random.Random, s: Shape | None = None) -> QA:
-    s = s or rng.choice(scene.shapes)
-    refs = references(scene, s)
-    refs.pop("color", None)
-    refs.pop("both", None)
-    ref = refs.get("kind") if "kind" in refs and rng.random() < 0.7 else refs["place"]
+    """"What color is the star?": the shape named by its kind where that is unique in the scene, else by place."""
+    if s is None:
+        named = [x for x in scene.shapes if scene.count(kind=x.kind) == 1]
+        s = rng.choice(named or scene.shapes)
+    by_kind = scene.count(kind=s.kind) == 1 and rng.random() >= PLACE_REF
+    ref = f"the {s.kind}" if by_kind else f"the shape {WHERE[s.cell]}"
     return QA(rng.choice(Q_COLOR).format(ref=ref), s.color, f"{_cap(ref)} is {s.color}.", KIND_COLOR)
 
 
 def qa_shape(scene: Scene, rng: random.Random, s: Shape | None = None) -> QA:
-    s = s or rng.choice(scene.shapes)
-    refs = references(scene, s)
-    refs.pop("kind", None)
-    refs.pop("both", None)
-    if "color" in refs and rng.random() < 0.7:
+    """"What shape is the red object?": the shape named by its colour where that is unique, else by place."""
+    if s is None:
+        named = [x for x in scene.shapes if scene.count(color=x.color) == 1]
+        s = rng.choice(named or scene.shapes)
+    if scene.count(color=s.color) == 1 and rng.random() >= PLACE_REF:
         ref = f"the {s.color} object"
         q = rng.choice(Q_SHAPE).format(ref=ref)
     else:
-        ref = refs["place"]
+        ref = f"the shape {WHERE[s.cell]}"
         q = rng.choice(["What shape is {where}?", "Which shape is {where}?", "What is the shape {where}?"]).format(where=WHERE[s.cell])
     return QA(q, s.kind, f"{_cap(ref)} is {_article(s.kind)} {s.kind}.", KIND_SHAPE)
 
@@ -550,8 +554,9 @@ def lm_document(scene: Scene, rng: random.Random) -> str:
     - prose (1 in 5): a caption and a detailed description;
     - stage-1 shape (1 in 5): the scene's patch words (grid_text), then its caption, as `plain` renders an
       image and its caption;
-    - stage-2 shape (3 in 5): a vicuna_v1 conversation with the patch words where the image will be, then
-      questions of every kind answered (short answers with LLaVA's suffixes, or sentences).
+    - stage-2 shape (3 in 5): a vicuna_v1 conversation (half of them without the system prompt) with the
+      patch words where the image will be, then questions of every kind answered (short answers with LLaVA's
+      suffixes, or sentences).
     """
     from llavacli.prompts import Turn, get_template
 
@@ -562,17 +567,21 @@ def lm_document(scene: Scene, rng: random.Random) -> str:
         return grid_text(scene) + " " + caption(scene, rng) + "\n"
     maker_pool = SHORT_MAKERS + CHAT_MAKERS + [qa_reasoning]
     turns = []
-    for i in range(rng.randint(2, 5)):
-        if i == 0 and rng.random() < 0.15:
+    for i in range(rng.randint(3, 6)):
+        if i == 0 and rng.random() < 0.1:
             qa = QA(rng.choice(Q_DETAIL), "", description(scene), "detail")
         else:
             qa = rng.choice(maker_pool)(scene, rng)
-        short = rng.random() < 0.6 and qa.kind not in ("reasoning", "detail")
+        short = rng.random() < 0.7 and qa.kind not in ("reasoning", "detail")
         text = short_prompt(qa) if short else qa.question
         if i == 0:
             text = grid_text(scene) + "\n" + text
         turns.append(Turn(text, 0, qa.short if short else qa.long))
-    return get_template("vicuna_v1").render(turns)
+    template = get_template("vicuna_v1")
+    text = template.render(turns)
+    if rng.random() < 0.5:  # half without the system prompt: it is the same every time, and costs a fifth
+        text = text[len(template.opening()) :]
+    return text
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -589,6 +598,7 @@ class Sizes:
     stage2_per_image: int = 1
     eval_per_kind: int = 250
     lm_documents: int = 30000
+    lm_easy: float = 0.3  # share of the language model's documents whose scenes have one or two shapes
 
 
 def dataset_paths(out: Path) -> dict[str, Path]:
@@ -639,11 +649,14 @@ def write_dataset(out: Path, sizes: Sizes = Sizes(), seed: int = 0, progress=Non
 
     write_questions(paths["eval"], scenes["test"], sizes.eval_per_kind, seed, "../images/test")
 
-    # text for the language model: documents about fresh scenes (no pictures needed), and the train scenes
+    # text for the language model: documents about fresh scenes (no pictures needed); the first
+    # `lm_easy` share of them shows one or two shapes (the language model's curriculum starts there)
     trng = random.Random(f"miniature/{seed}/lm")
+    n_easy = int(sizes.lm_documents * sizes.lm_easy)
     with open(paths["lm"], "w") as f:
         for i in range(sizes.lm_documents):
-            scene = make_scene(scene_rng(seed, "lm", i), f"lm-{i}")
+            rng = scene_rng(seed, "lm", i)
+            scene = make_scene(rng, f"lm-{i}", rng.randint(1, 2) if i < n_easy else None)
             f.write(lm_document(scene, trng).replace("\n", "\\n") + "\n")
     return paths
 

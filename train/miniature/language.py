@@ -35,7 +35,7 @@ class LMShape:
     vocab: int = 1024  # SentencePiece pieces (bytes and specials included)
     hidden: int = 192
     ff: int = 512
-    layers: int = 4
+    layers: int = 3
     heads: int = 3
     kv_heads: int = 3
     max_positions: int = 1024
@@ -102,19 +102,22 @@ def lm_config(shape: LMShape, tok) -> LlamaConfig:
 
 @dataclass(frozen=True)
 class LMTraining:
-    steps: int = 300
-    batch: int = 16
-    seq: int = 256
-    lr: float = 3e-3
-    weight_decay: float = 0.1
-    warmup: float = 0.05
+    steps: int = 900
+    batch: int = 32
+    seq: int = 192
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup: float = 0.03
+    easy_steps: float = 0.3  # share of the steps that draw only on the easy (one- or two-shape) documents
 
 
-def pack(tok, documents: list[str], seq: int) -> torch.Tensor:
-    """The documents (bos ... eos each) packed whole into rows of `seq` tokens, padded at the end of a row.
+def pack(tok, documents: list[str], seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The documents (bos ... eos each) packed whole into rows of `seq` tokens, padded at the end of a row, and
+    for each token whether it belongs to a conversation (vicuna_v1 layout) rather than prose.
 
     A document is never cut across rows: its questions are about its own grid, which must be in view."""
     rows: list[list[int]] = [[]]
+    chats: list[list[bool]] = [[]]
     for doc in documents:
         ids = tok(doc, add_special_tokens=True)["input_ids"]
         if ids[-1] != tok.eos_token_id:
@@ -122,9 +125,26 @@ def pack(tok, documents: list[str], seq: int) -> torch.Tensor:
         ids = ids[:seq]
         if len(rows[-1]) + len(ids) > seq:
             rows.append([])
+            chats.append([])
         rows[-1].extend(ids)
+        chats[-1].extend([CHAT_MARK in doc] * len(ids))
     pad = tok.pad_token_id
-    return torch.tensor([r + [pad] * (seq - len(r)) for r in rows if r], dtype=torch.long)
+    keep = [i for i, r in enumerate(rows) if r]
+    ids = torch.tensor([rows[i] + [pad] * (seq - len(rows[i])) for i in keep], dtype=torch.long)
+    chat = torch.tensor([chats[i] + [False] * (seq - len(chats[i])) for i in keep], dtype=torch.bool)
+    return ids, chat
+
+
+CHAT_MARK = "ASSISTANT:"
+
+
+def answer_mask(ids: torch.Tensor, assistant: int, eos: int) -> torch.Tensor:
+    """True on the assistant's answers: from after "ASSISTANT:" up to and including the "</s>" that ends them."""
+    starts = (ids == assistant).long()
+    ends = (ids == eos).long()
+    open_ = (starts.cumsum(1) - torch.cat([torch.zeros_like(ends[:, :1]), ends[:, :-1]], 1).cumsum(1)) > 0
+    prev = torch.cat([torch.zeros_like(ids[:, :1]), ids[:, :-1]], 1)
+    return open_ & (ids != assistant) & (prev != assistant)
 
 
 def patch_word_parts(tok) -> dict[int, list[int]]:
@@ -144,30 +164,80 @@ def patch_word_parts(tok) -> dict[int, list[int]]:
 
 
 class ComposedEmbedding:
-    """Patch words embedded as the sum of their parts' embeddings (e(largeredstar) = e(large) + e(red) + e(star)),
-    so "star" in a question and "largeredstar" in the grid share a direction from the first step. Only during
-    pre-training; the saved model has the sums written into its embedding matrix, an ordinary LLaMA."""
+    """How a scene given as patch words (data.grid_text) enters the language model in pre-training.
 
-    def __init__(self, model, parts: dict[int, list[int]]):
+    The k-th patch word of a grid, say "largeredstar" in the top left cell, enters as
+
+        e(large) + e(red) + e(star) + e(top) + e(left)      what is in this cell, and where
+      + sum over the grid's shapes of s(shape's word)        what the whole scene holds
+
+    (an empty cell: e(empty) + its place's words + the same scene sum). The first line shares its directions
+    with the words a question uses ("the star", "the top left corner"); the second, made of the patch words'
+    own embedding rows (learnt, and used for nothing else), tells every token of the grid the whole scene, so
+    "what colour is the star?" can be read off any of them instead of being looked up among them: a tiny
+    model learns the first in a few hundred steps, the lookup in thousands. The vision tower's patch features
+    carry the same two things (vision.py: each patch's own shape, and the scene's table in every patch), which
+    the projector learns to map onto these sums in stage 1. Pre-training only: the saved model is an ordinary
+    LLaMA, and patch words never reach it again.
+    """
+
+    def __init__(self, model, parts: dict[int, list[int]], empty: int, place_words: list[list[int]], scene: bool = True):
+        self.scene = scene
         self.embed = model.get_input_embeddings()
         self.words = torch.tensor(sorted(parts))
         self.parts = torch.tensor([parts[w] for w in sorted(parts)])
+        self.empty = empty
+        self.grid_ids = torch.cat([self.words, torch.tensor([empty])])
+        self.place_words = place_words  # per patch (row-major), the token ids of its cell's place words
 
-    def matrix(self) -> torch.Tensor:
+    def local(self) -> torch.Tensor:
+        """The embedding matrix with each patch word's row replaced by the sum of its parts."""
         w = self.embed.weight
         return w.index_copy(0, self.words, w[self.parts].sum(1))
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return nn.functional.embedding(input_ids, self.matrix())
+        w = self.embed.weight
+        out = nn.functional.embedding(input_ids, self.local())
+        is_grid = torch.isin(input_ids, self.grid_ids)
+        if not bool(is_grid.any()):
+            return out
+        n = len(self.place_words)
+        order = is_grid.long().cumsum(1) - 1  # grids are whole runs of n tokens
+        k = order % n
+        places = torch.stack([w[ids].sum(0) if ids else w.new_zeros(w.shape[1]) for ids in self.place_words])  # (n, H)
+        if not self.scene:
+            return out + places[k] * is_grid.unsqueeze(-1)
+        # the scene sum: each grid's shapes' own rows, added up per grid and given to each of its tokens
+        run = torch.where(is_grid, order // n, 0)  # which grid of its row a token belongs to
+        shape_rows = nn.functional.embedding(input_ids, w) * (is_grid & (input_ids != self.empty)).unsqueeze(-1)
+        sums = torch.zeros(input_ids.shape[0], int(run.max()) + 1, w.shape[1], dtype=w.dtype)
+        sums = sums.scatter_add(1, run.unsqueeze(-1).expand(-1, -1, w.shape[1]), shape_rows)
+        scene = sums.gather(1, run.unsqueeze(-1).expand(-1, -1, w.shape[1]))
+        return out + (places[k] + scene) * is_grid.unsqueeze(-1)
 
-    @torch.no_grad()
-    def bake(self) -> None:
-        self.embed.weight.copy_(self.matrix())
+
+def place_word_ids(tok) -> list[list[int]]:
+    """For each patch, row-major, the token ids of the place words of its cell ("top", "left"; "center")."""
+    per = D.PATCHES // D.GRID
+    out = []
+    for k in range(D.PATCHES * D.PATCHES):
+        cell = (k // D.PATCHES // per, k % D.PATCHES // per)
+        ids = [tok(w, add_special_tokens=False).input_ids for w in D.POSITION[cell].split()]
+        if any(len(i) != 1 for i in ids):
+            raise RuntimeError(f"place words of {cell} are not single tokens")
+        out.append([i[0] for i in ids])
+    return out
 
 
-def grid_mask(ids: torch.Tensor, words: torch.Tensor, empty: int, pad: int | None = None) -> torch.Tensor:
+def composed_embedding(model, tok, places: bool = True) -> ComposedEmbedding:
+    empty = tok(D.EMPTY, add_special_tokens=False).input_ids
+    assert len(empty) == 1
+    return ComposedEmbedding(model, patch_word_parts(tok), empty[0], place_word_ids(tok) if places else [[] for _ in range(D.PATCHES**2)])
+
+
+def input_only(ids: torch.Tensor, composed: ComposedEmbedding, pad: int) -> torch.Tensor:
     """True where a token is a patch word (input, like an image's tokens, never a prediction target) or padding."""
-    return torch.isin(ids, torch.cat([words, torch.tensor([empty] + ([pad] if pad is not None else []))]))
+    return torch.isin(ids, torch.cat([composed.grid_ids, torch.tensor([pad])]))
 
 
 def cosine_lr(step: int, total: int, base: float, warmup: float) -> float:
@@ -184,42 +254,50 @@ def pretrain_lm(
     shape: LMShape = LMShape(),
     cfg: LMTraining = LMTraining(),
     seed: int = 0,
+    easy: int = 0,
     log=print,
 ) -> dict:
-    """Tokenizer, then a LlamaForCausalLM trained on the packed documents; both saved to out_dir."""
+    """Tokenizer, then a LlamaForCausalLM trained on the packed documents; both saved to out_dir.
+
+    Conversations are supervised on the assistant's answers only, as stage 2 will be (their questions are
+    random draws, not worth modelling); prose on every token; patch words never. The first `easy` documents
+    (scenes of one or two shapes) make up every batch of the first `cfg.easy_steps` share of the steps: a
+    lookup among few shapes is found first, then carried over to crowded scenes.
+    """
     start = time.time()
     train_tokenizer(out_dir, documents, shape.vocab, seed)
     tok = hf_tokenizer(out_dir)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(lm_config(shape, tok))
-    composed = ComposedEmbedding(model, patch_word_parts(tok))
-    empty = tok(D.EMPTY, add_special_tokens=False).input_ids[0]
-    rows = pack(tok, documents, cfg.seq)
-    held = pack(tok, heldout, cfg.seq)
-    log(f"language model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {rows.numel()} training tokens")
+    composed = composed_embedding(model, tok)
+    assistant = tok("ASSISTANT", add_special_tokens=False).input_ids
+    assert len(assistant) == 1, "the tokenizer must read ASSISTANT as one token"
+    easy_rows, easy_chat = pack(tok, documents[:easy], cfg.seq) if easy else (torch.empty(0, cfg.seq, dtype=torch.long), torch.empty(0, cfg.seq, dtype=torch.bool))
+    rest_rows, rest_chat = pack(tok, documents[easy:], cfg.seq)
+    rows, chat = torch.cat([easy_rows, rest_rows]), torch.cat([easy_chat, rest_chat])
+    held, held_chat = pack(tok, heldout, cfg.seq)
+    log(f"language model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(rows)} rows of {cfg.seq} tokens")
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98)
     )
 
-    def loss_of(batch: torch.Tensor) -> torch.Tensor:
-        labels = batch.masked_fill(grid_mask(batch, composed.words, empty, tok.pad_token_id), -100)
-        return model(inputs_embeds=composed(batch), labels=labels).loss
+    def loss_of(batch: torch.Tensor, is_chat: torch.Tensor) -> torch.Tensor:
+        supervised = torch.where(is_chat, answer_mask(batch, assistant[0], tok.eos_token_id), True)
+        supervised &= ~input_only(batch, composed, tok.pad_token_id)
+        return model(inputs_embeds=composed(batch), labels=batch.masked_fill(~supervised, -100)).loss
 
     gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(rows), generator=gen)
+    n_easy = len(easy_rows)
     curve = []
     model.train()
     for step in range(cfg.steps):
-        lo = (step * cfg.batch) % len(rows)
-        if lo + cfg.batch > len(rows):
-            order = torch.randperm(len(rows), generator=gen)
-            lo = 0
-        batch = rows[order[lo : lo + cfg.batch]]
+        pool = n_easy if (n_easy and step < cfg.easy_steps * cfg.steps) else len(rows)
+        idx = torch.randint(0, pool, (cfg.batch,), generator=gen)
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup)
-        loss = loss_of(batch)
+        loss = loss_of(rows[idx], chat[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -227,11 +305,41 @@ def pretrain_lm(
         curve.append(loss.item())
         if (step + 1) % 25 == 0 or step + 1 == cfg.steps:
             log(f"language step {step + 1}/{cfg.steps} loss {sum(curve[-25:]) / len(curve[-25:]):.4f} ({time.time() - start:.0f}s)")
-    composed.bake()
     model.eval()
     with torch.no_grad():
-        held_loss = float(sum(loss_of(held[i : i + 16]) for i in range(0, len(held), 16)) / max(1, math.ceil(len(held) / 16)))
+        parts = [loss_of(held[i : i + 16], held_chat[i : i + 16]) for i in range(0, len(held), 16)]
+        held_loss = float(sum(parts) / max(1, len(parts)))
     log(f"language held-out loss {held_loss:.4f}")
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return {"loss": curve, "heldout_loss": held_loss, "seconds": time.time() - start}
+
+
+@torch.no_grad()
+def grid_qa_accuracy(model_dir: Path, per_kind: int = 40, seed: int = 0) -> dict[str, float]:
+    """The pre-trained language model answering held-out evaluation questions about scenes given as patch words
+    (text only, no picture): how much of the task it can already do before it sees an image."""
+    from llavacli import evaluate
+    from llavacli.prompts import Turn, get_template
+
+    model = LlamaForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    composed = composed_embedding(model, tok)
+    rng = random.Random(f"miniature/{seed}/lm-eval")
+    template = get_template("vicuna_v1")
+    records, predictions = [], []
+    for kind in D.EVAL_KINDS:
+        for j in range(per_kind):
+            scene = D.make_scene(D.scene_rng(seed, "lm-eval", len(records)), "x")
+            r = D.eval_question(scene, "", rng, kind, str(j))
+            ids = torch.tensor([tok(template.render([Turn(D.grid_text(scene) + "\n" + r["text"], 0)])).input_ids])
+            answer = []
+            for _ in range(6):  # greedy, with the patch words composed as in training
+                token = int(model(inputs_embeds=composed(ids)).logits[0, -1].argmax())
+                if token == tok.eos_token_id:
+                    break
+                answer.append(token)
+                ids = torch.cat([ids, torch.tensor([[token]])], 1)
+            records.append(r)
+            predictions.append(tok.decode(answer, skip_special_tokens=True).strip())
+    return {k: v["accuracy"] for k, v in evaluate.summarize(records, predictions)["kinds"].items()}

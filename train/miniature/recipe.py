@@ -3,12 +3,12 @@
     1. data       scenes, pictures, captions, conversations, LM text, held-out questions   DIR/data
     2. vision     a small CLIP ViT pre-trained on the pictures, then frozen                DIR/tower
        language   a SentencePiece tokenizer and a small LLaMA pre-trained on the text     DIR/lm
-                  (these two run side by side, one core each)
     3. stage 1    train/ `pretrain`: the projector alone, captions, template plain         DIR/stage1
     4. stage 2    train/ `finetune`: projector + LLM, conversations, template vicuna_v1    DIR/llava-hf
     5. eval       the held-out questions answered in transformers                          DIR/eval-transformers.json
     6. convert    `llava convert DIR/llava-hf DIR/gguf --outtype q8_0`                     DIR/gguf/demo{,.mmproj}.gguf
-    7. install    (with --install) the pair copied to llavacli/data/demo/
+    7. eval       the same questions through llama.cpp, as `llava eval` runs them        DIR/eval-llamacpp.json
+    8. install    (with --install) the pair copied to llavacli/data/demo/
 
 Stages 1 and 2 go through the project's own train/ exactly as a user's run would: a TOML config (written to
 DIR/configs/) loaded by train.config and run by train.stages. DIR/recipe.json records every phase's wall time,
@@ -18,7 +18,6 @@ its loss curve's start and end, and the evaluation.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import shutil
 import sys
 import time
@@ -45,14 +44,15 @@ class StageSettings:
 @dataclass(frozen=True)
 class Recipe:
     sizes: D.Sizes = D.Sizes()
-    vision_epochs: int = 3
+    vision_epochs: int = 12
     vision_batch: int = 32
-    lm_steps: int = 400
-    lm_batch: int = 16
-    lm_seq: int = 256
+    lm_steps: int = 1200
+    lm_batch: int = 32
+    lm_seq: int = 192
     stage1: StageSettings = StageSettings(epochs=1.0, batch=32, lr=1e-3)
-    stage2: StageSettings = StageSettings(epochs=1.0, batch=32, lr=5e-4)
-    eval_limit: int = 0  # questions per kind in the transformers evaluation (0: all)
+    stage2: StageSettings = StageSettings(epochs=3.0, batch=32, lr=1e-3)
+    eval_limit: int = 100  # questions per kind in the transformers evaluation (0: all)
+    lm_probe: int = 40  # questions per kind asked of the pre-trained language model about patch words
     outtype: str = "q8_0"
     threads: int = 2
 
@@ -64,10 +64,10 @@ QUICK = Recipe(
     vision_batch=16,
     lm_steps=20,
     lm_batch=8,
-    lm_seq=128,
     stage1=StageSettings(epochs=1.0, batch=8, lr=2e-3),
     stage2=StageSettings(epochs=1.0, batch=8, lr=1e-3),
     eval_limit=4,
+    lm_probe=2,
 )
 
 
@@ -145,49 +145,27 @@ def _curve(losses: list[float]) -> dict:
     return {"steps": len(losses), "loss_start": sum(losses[:k]) / k, "loss_end": sum(losses[-k:]) / k, "loss": losses}
 
 
-def _vision_job(out: str, recipe: Recipe, seed: int) -> None:
-    """Runs in its own process (one core) beside the language model's pre-training."""
-    import torch
-
-    torch.set_num_threads(1)
-    from train.miniature import vision as V
-
-    logf = open(Path(out) / "tower.log", "w")
-
-    def log(text):
-        print(text, file=logf, flush=True)
-
-    res = V.pretrain_tower(
-        Path(out) / "tower",
-        Path(out) / "data",
-        cfg=V.VisionTraining(epochs=recipe.vision_epochs, batch=recipe.vision_batch),
-        seed=seed,
-        log=log,
-    )
-    (Path(out) / "tower" / "pretrain.json").write_text(json.dumps({**_curve(res["loss"]), "heldout": res["heldout"], "seconds": res["seconds"]}))
-
-
 def _pretrain(out: Path, recipe: Recipe, seed: int, paths: dict, done, log) -> None:
-    """The vision tower (in a child process) and the language model (here), side by side, one core each."""
+    """The vision tower, then the language model (the tower is a minute's work; the language model the most)."""
     import torch
 
     from train.miniature import language as L
+    from train.miniature import vision as V
 
-    t = time.time()
-    ctx = multiprocessing.get_context("spawn")
-    child = ctx.Process(target=_vision_job, args=(str(out), recipe, seed))
-    child.start()
-    torch.set_num_threads(1)
+    torch.set_num_threads(recipe.threads)
+    res = V.pretrain_tower(out / "tower", out / "data", cfg=V.VisionTraining(epochs=recipe.vision_epochs, batch=recipe.vision_batch), seed=seed, log=log)
+    done("vision", {**_curve(res["loss"]), "heldout": res["heldout"], "seconds": res["seconds"]})
+
     docs = D.read_lm_documents(paths["lm"])
     held = max(20, len(docs) // 50)
-    lm = L.pretrain_lm(out / "lm", docs[:-held], docs[-held:], cfg=L.LMTraining(steps=recipe.lm_steps, batch=recipe.lm_batch, seq=recipe.lm_seq), seed=seed, log=log)
-    done("language", {"seconds": lm["seconds"], **_curve(lm["loss"]), "heldout_loss": lm["heldout_loss"]})
-    child.join()
-    if child.exitcode != 0:
-        raise RuntimeError(f"the vision tower's pre-training failed (exit {child.exitcode}); see {out / 'tower.log'}")
-    vis = json.loads((out / "tower" / "pretrain.json").read_text())
-    done("vision", vis)
-    done("vision+language wall", {"seconds": time.time() - t})
+    cfg = L.LMTraining(steps=recipe.lm_steps, batch=recipe.lm_batch, seq=recipe.lm_seq)
+    easy = int(recipe.sizes.lm_documents * recipe.sizes.lm_easy)
+    lm = L.pretrain_lm(out / "lm", docs[:-held], docs[-held:], cfg=cfg, seed=seed, easy=easy, log=log)
+    t_qa = time.time()
+    qa = L.grid_qa_accuracy(out / "lm", per_kind=recipe.lm_probe, seed=seed) if recipe.lm_probe else {}
+    if qa:
+        log("language model on patch words (text only): " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in qa.items()))
+    done("language", {"seconds": lm["seconds"] + time.time() - t_qa, **_curve(lm["loss"]), "heldout_loss": lm["heldout_loss"], "text_qa": qa})
 
 
 def write_examples(data_dir: Path, folder: Path) -> list[str]:
@@ -267,7 +245,18 @@ def build(
     sizes = {p.name: p.stat().st_size for p in (pair.text, pair.mmproj)}
     done("convert", {"seconds": time.time() - t, "files": sizes, "outtype": recipe.outtype})
 
-    # 7. install into the package
+    # 7. the same held-out questions through llama.cpp (the runtime of `llava ask` and `llava eval`)
+    if evaluate:
+        from train.miniature.answer import run_eval_llamacpp, table
+
+        t = time.time()
+        llama = run_eval_llamacpp(pair.text, pair.mmproj, paths["eval"], out / "eval-llamacpp.json", limit=recipe.eval_limit or None, threads=recipe.threads)
+        done("eval-llamacpp", {"seconds": time.time() - t, "kinds": {k: v["accuracy"] for k, v in llama["kinds"].items()}})
+        reference = out / "eval-transformers.json"
+        if reference.is_file():
+            log("held-out accuracy, transformers and llama.cpp:\n" + table(json.loads(reference.read_text()), llama))
+
+    # 8. install into the package
     if install:
         PACKAGE_DEMO.mkdir(parents=True, exist_ok=True)
         for p in (pair.text, pair.mmproj):

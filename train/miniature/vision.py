@@ -1,17 +1,17 @@
 """The miniature's vision tower: a small CLIP ViT, pre-trained on the generated pictures, then frozen.
 
 Architecture: transformers' CLIPVisionModel (quick_gelu, pre-LN, CLS token, learned positions), 96 px pictures
-in 16 px patches, so a 6 x 6 grid: 36 image tokens for the language model (LLaVA takes the penultimate layer's
-patch states and drops CLS). Each of the scene's 3 x 3 cells is 2 x 2 patches, so a patch always sees one
-quadrant of at most one shape: a ViT this small learns shapes in a few hundred steps that way, where a grid
-unaligned with the cells took thousands. The FFN width is kept different from the hidden width (llama.cpp's clip loader
+in 32 px patches, so a 3 x 3 grid: 9 image tokens for the language model (LLaVA takes the penultimate layer's
+patch states and drops CLS). The patches are the scene's cells, so each image token shows at most one shape,
+whole: the tower learns shapes in a few hundred steps that way (a grid of small patches unaligned with the
+cells took thousands), and the language model looks a shape up among 9 tokens, not dozens. The FFN width is kept different from the hidden width (llama.cpp's clip loader
 would read equal sizes as swapped weights).
 
 Objective: instead of CLIP's caption contrast (which needs a text tower and far more data than a few minutes
 allow), the tower learns from what the generator knows about every picture, read out linearly:
 
 - per patch, from the penultimate layer (the features LLaVA uses): the colour, kind and size of the shape in
-  the patch's cell (or none). These are exactly the patch words
+  the patch's cell (or none), and which cell it is. These are exactly the patch words
   that the language model read in pre-training (data.grid_text), so the projector has an easy job;
 - per picture, from the mean of those patch states and from the final layer's pooled CLS: how many shapes
   there are, and how many of each colour and each kind.
@@ -114,14 +114,27 @@ def scene_targets(scene: D.Scene, shape: TowerShape) -> dict[str, np.ndarray]:
     for i, s in enumerate(scene.shapes):
         mask = owners == i
         color[mask], kind[mask], size[mask] = COLOR_INDEX[s.color], KIND_INDEX[s.kind], SIZE_INDEX[s.size]
+    per = g // D.GRID
+    rows, cols = np.divmod(np.arange(g * g), g)
     return {
+        "cell": (rows // per) * D.GRID + cols // per,
         "color": color.reshape(-1),
         "kind": kind.reshape(-1),
         "size": size.reshape(-1),
         "total": np.int64(n_obj),
         "per_color": np.array([scene.count(color=c) for c in D.COLORS], np.int64),
         "per_kind": np.array([scene.count(kind=k) for k in D.SHAPES], np.int64),
+        "words": scene_words(scene),
     }
+
+
+WORDS = [(size, color, kind) for kind in D.SHAPES for color in D.COLORS for size in D.SIZES]
+
+
+def scene_words(scene: D.Scene) -> np.ndarray:
+    """Which patch words (size, colour, kind) the scene holds: the table every patch is taught to carry."""
+    present = {(s.size, s.color, s.kind) for s in scene.shapes}
+    return np.array([w in present for w in WORDS], np.float32)
 
 
 class Heads(nn.Module):
@@ -130,6 +143,8 @@ class Heads(nn.Module):
         self.color = nn.Linear(hidden, N_COLOR)
         self.kind = nn.Linear(hidden, N_KIND)
         self.size = nn.Linear(hidden, N_SIZE)
+        self.cell = nn.Linear(hidden, D.GRID * D.GRID)
+        self.words = nn.Linear(hidden, len(WORDS))  # from every patch: the whole scene
         n_global = N_COUNT * (1 + len(D.COLORS) + len(D.SHAPES))
         self.pooled = nn.Linear(hidden, n_global)  # from the mean patch state (the features LLaVA sees)
         self.cls = nn.Linear(hidden, n_global)  # from the final pooled CLS (trains the last layer)
@@ -143,6 +158,10 @@ class Heads(nn.Module):
             "color": ce(self.color(feats).flatten(0, 1), t["color"].flatten()),
             "kind": ce(self.kind(feats).flatten(0, 1)[covered], t["kind"].flatten()[covered]),
             "size": ce(self.size(feats).flatten(0, 1)[covered], t["size"].flatten()[covered]),
+            "cell": ce(self.cell(feats).flatten(0, 1), t["cell"].flatten()),
+            "words": nn.functional.binary_cross_entropy_with_logits(
+                self.words(feats), t["words"][:, None, :].expand(-1, feats.shape[1], -1)
+            ) * len(WORDS) / 4,
         }
         counts = torch.cat([t["total"][:, None], t["per_color"], t["per_kind"]], 1)  # (B, 12)
         for name, h in (("pooled", self.pooled(feats.mean(1))), ("cls", self.cls(out.pooler_output))):
@@ -254,6 +273,7 @@ def evaluate_tower(tower: CLIPVisionModel, heads: Heads, x: torch.Tensor, t: dic
     hits = {"color": 0, "kind": 0, "size": 0}
     covered = 0
     total_hits = 0
+    words_hits = 0.0
     for b in range(0, len(x), 100):
         out = tower(pixel_values=normalise(x[b : b + 100]), output_hidden_states=True)
         feats = out.hidden_states[FEATURE_LAYER][:, 1:]
@@ -264,10 +284,13 @@ def evaluate_tower(tower: CLIPVisionModel, heads: Heads, x: torch.Tensor, t: dic
             hits[k] += int(((pred == t[k][b : b + 100]) & mask).sum())
         logits = heads.pooled(feats.mean(1)).view(len(feats), -1, N_COUNT)
         total_hits += int((logits[:, 0].argmax(-1) == t["total"][b : b + 100]).sum())
+        words = heads.words(feats) > 0  # (B, N, W): the scene read from each patch alone
+        words_hits += float((words == (t["words"][b : b + 100, None, :] > 0)).all(-1).float().mean(1).sum())
     n = len(x)
     return {
         **{f"patch_{k}": v / max(1, covered) for k, v in hits.items()},
         "count": total_hits / n,
+        "scene_from_one_patch": words_hits / n,
     }
 
 
