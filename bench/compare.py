@@ -1,21 +1,25 @@
 """`llava` against llama.cpp's own `llama-mtmd-cli` on a LLaVA-1.5-shaped pair with random weights.
 
-    .venv/bin/python bench/compare.py            # CLIP ViT-L/14-336 + a ~0.8B LLaMA at Q4_K_M
+    .venv/bin/python bench/compare.py            # CLIP ViT-L/14-336 + a ~1B LLaMA (TinyLlama-1.1B shape) at Q4_K_M
     .venv/bin/python bench/compare.py --small    # the tests' tiny shape: checks the bench itself quickly
 
 Builds (once, cached under bench/out/) the model pair with `llava convert --outtype q4_k_m` and
 `llama-mtmd-cli` from the same llama.cpp source as the installed llama-cpp-python (its sdist with
 backend/llava-cls-first.patch). Every row is the median of --runs runs, ours and theirs alternated,
-with the same prompt text (system prompt included), greedy decoding, the same threads and token count.
+with the same prompt text (system prompt included), greedy decoding, the same threads, token count,
+context, batch sizes and flash attention (off). `llava` starts each measured run with a fresh, empty
+LLAVA_CACHE, as on a first question. Prints the table, then the same as Markdown for a README.
 Never run by the tests.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -23,6 +27,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +40,16 @@ LLAVA = VENV_BIN / "llava"
 VERSION = "0.3.36"
 PATCH = ROOT / "backend" / "llava-cls-first.patch"
 QUESTIONS = ["What is in the picture?", "What colour is the background?"]
+N_CTX = 4096  # `llava`'s default --ctx-size
+N_BATCH = 2048  # the engine's n_batch and n_ubatch at that context
+MEDIA_MARKER = "<__media__>"  # llama-mtmd-cli's image placeholder in -p
+RAW_TEMPLATE = "{% for m in messages %}{{ m.content }}{% endfor %}"  # -p as it is, no chat template around it
+GNU_TIME = "/usr/bin/time"
 
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from llavacli.prompts import get_template  # noqa: E402
+from llavacli.prompts import IMAGE, get_template  # noqa: E402
 
 TEMPLATE = get_template("vicuna_v1")
 
@@ -61,10 +71,10 @@ def build_pair(small: bool) -> tuple[Path, Path]:
 
     if small:
         shape = tinymodels.V15
-    else:  # CLIP ViT-L/14-336 as LLaVA-1.5 uses it; a TinyLlama-like LLM (16 layers here)
+    else:  # CLIP ViT-L/14-336 as LLaVA-1.5 uses it; a TinyLlama-1.1B-shaped LLM
         shape = tinymodels.Shape(
             vision_hidden=1024, vision_ff=4096, vision_layers=24, vision_heads=16,
-            text_hidden=2048, text_ff=5632, text_layers=16, text_heads=32, text_kv_heads=4,
+            text_hidden=2048, text_ff=5632, text_layers=22, text_heads=32, text_kv_heads=4,
         )
         # The tests' large random weights would overflow at these widths; transformers' own init
         # (std 0.02) keeps the activations sane.
@@ -115,51 +125,84 @@ def build_mtmd_cli() -> Path:
 # -- running and measuring -----------------------------------------------------------------------------
 
 
-def run_with_rss(cmd: list[str], stdin: str | None = None, env: dict | None = None) -> tuple[float, int, str, str]:
-    """(wall seconds, this process's peak RSS in MB, stdout, stderr)."""
-    start = time.perf_counter()
-    with tempfile.TemporaryFile("w+", errors="replace") as fout, tempfile.TemporaryFile("w+", errors="replace") as ferr:
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-                                stdout=fout, stderr=ferr, text=True, env=os.environ | (env or {}))
-        if stdin is not None:
-            proc.stdin.write(stdin)
-            proc.stdin.close()
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        wall = time.perf_counter() - start
-        fout.seek(0), ferr.seek(0)
-        out, err = fout.read(), ferr.read()
+@dataclass
+class Run:
+    seconds: float  # wall clock, process start to exit
+    rss_mb: float  # this process's peak resident set
+    stdout: str
+    stderr: str
+
+
+def run(cmd: list[str], stdin: str | None = None, env: dict | None = None) -> Run:
+    """Run one process to its end, under GNU time for its peak RSS.
+
+    Not wait4()'s: Python starts children with vfork, so their ru_maxrss includes this process's own peak.
+    """
+    with tempfile.NamedTemporaryFile("r") as rss:
+        start = time.perf_counter()
+        proc = subprocess.run([GNU_TIME, "-f", "%M", "-o", rss.name, *cmd], input=stdin,
+                              stdin=subprocess.DEVNULL if stdin is None else None, capture_output=True,
+                              text=True, errors="replace", env=os.environ | (env or {}))
+        seconds = time.perf_counter() - start
+        kib = rss.read().split()[-1]  # after "Command exited with non-zero status N" when it failed
     if proc.returncode != 0:
-        raise RuntimeError(f"{Path(cmd[0]).name} failed ({proc.returncode}): {err[-2000:]}")
-    return wall, usage.ru_maxrss // 1024, out, err
+        raise RuntimeError(f"{Path(cmd[0]).name} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return Run(seconds, int(kib) / 1024, proc.stdout, proc.stderr)
+
+
+def prompt_text(question: str) -> str:
+    """What both tools evaluate: system prompt, the image, the question, up to 'ASSISTANT:'."""
+    return TEMPLATE.opening() + TEMPLATE.question(question, 1)
 
 
 class Bench:
     def __init__(self, text: Path, proj: Path, mtmd: Path, threads: int, n_tokens: int, workdir: Path):
         self.text, self.proj, self.mtmd = text, proj, mtmd
         self.threads, self.n = threads, n_tokens
-        self.cache = workdir / "cache"
+        self.work = workdir
+        self.verdict = workdir / "cache" / "conformance.json"  # written by warm_up()
         self.images = make_images(workdir, 8)
 
-    def ours(self, images, question, *extra, cache: str = "cold"):
-        """cache: 'cold' (emptied first), 'warm' (kept), 'off' (--no-cache)."""
-        if cache == "cold":
-            shutil.rmtree(self.cache, ignore_errors=True)
-        args = [str(LLAVA), "ask", *map(str, images), question, "-m", str(self.text), "--mmproj", str(self.proj),
-                "-n", str(self.n), "--threads", str(self.threads), "--json", *extra]
-        if cache == "off":
-            args.append("--no-cache")
-        return run_with_rss(args, env={"LLAVA_CACHE": str(self.cache)})
+    def ours(self, images: list[Path], question: str, cache: Path) -> Run:
+        args = [str(LLAVA), "ask", *map(str, images), question, "--json", *self._our_options()]
+        return run(args, env={"LLAVA_CACHE": str(cache)})
 
-    def theirs(self, image, question):
-        # llama-mtmd-cli wraps -p in a chat template; its `vicuna` one with LLaVA's system text is the
-        # closest to ours (it separates with newlines where LLaVA uses spaces: a few tokens apart).
-        prompt = "<__media__>\n" + question
-        args = [str(self.mtmd), "-m", str(self.text), "--mmproj", str(self.proj), "--image", str(image),
-                "-p", prompt, "-sys", TEMPLATE.system, "--chat-template", "vicuna",
-                "-n", str(self.n), "-t", str(self.threads), "--temp", "0", "-c", "4096",
-                "--no-warmup", "-ngl", "0"]
-        return run_with_rss(args)
+    def chat(self, questions: list[str], cache: Path) -> Run:
+        args = [str(LLAVA), "chat", str(self.images[0]), "--timings", *self._our_options()]
+        return run(args, stdin="".join(q + "\n" for q in questions), env={"LLAVA_CACHE": str(cache)})
+
+    def _our_options(self) -> list[str]:
+        return ["-m", str(self.text), "--mmproj", str(self.proj), "--template", TEMPLATE.name,
+                "-n", str(self.n), "--threads", str(self.threads), "--gpu-layers", "0"]
+
+    def theirs(self, image: Path, question: str) -> Run:
+        return run(self.theirs_command(image, question))
+
+    def theirs_command(self, image: Path, question: str) -> list[str]:
+        """llama-mtmd-cli set up as our engine is: the same prompt, context, batch sizes and threads.
+
+        --jinja with RAW_TEMPLATE passes -p through unchanged, so both tokenize the same text (a -sys message
+        would be tokenized on its own, one token longer). -fa off: llama-cpp-python's Llama() runs without
+        flash attention. -lv 4 lets llama.cpp's timings through.
+        """
+        return [str(self.mtmd), "-m", str(self.text), "--mmproj", str(self.proj), "--image", str(image),
+                "-p", prompt_text(question).replace(IMAGE, MEDIA_MARKER), "--jinja", "--chat-template", RAW_TEMPLATE,
+                "-n", str(self.n), "--temp", "0", "-t", str(self.threads), "-tb", str(self.threads),
+                "-c", str(N_CTX), "-b", str(N_BATCH), "-ub", str(N_BATCH), "-fa", "off",
+                "--no-warmup", "-ngl", "0", "-lv", "4"]
+
+    @contextlib.contextmanager
+    def cold_cache(self):
+        """A fresh LLAVA_CACHE: no image entries, only the backend's conformance verdict (one per build)."""
+        with tempfile.TemporaryDirectory(dir=self.work, prefix="cache-") as tmp:
+            shutil.copy2(self.verdict, Path(tmp) / self.verdict.name)
+            yield Path(tmp)
+
+    def warm_up(self) -> None:
+        """One untimed run of each: the files are in the page cache, and our conformance verdict is measured."""
+        run([str(LLAVA), "ask", str(self.images[0]), QUESTIONS[0], "--no-cache", *self._our_options()],
+            env={"LLAVA_CACHE": str(self.verdict.parent)})
+        self.theirs(self.images[0], QUESTIONS[0])
 
 
 def make_images(root: Path, n: int) -> list[Path]:
@@ -174,37 +217,169 @@ def make_images(root: Path, n: int) -> list[Path]:
     return paths
 
 
-def median(xs):
-    return statistics.median(xs)
+# llama_perf_context_print, at the end of llama-mtmd-cli's log:
+#   ... llama_perf_context_print: prompt eval time =  377.47 ms /   712 tokens (  0.53 ms per token, 1886.27 tokens per second)
+#   ... llama_perf_context_print:        eval time =  374.99 ms /    63 runs   (  5.95 ms per token,  168.00 tokens per second)
+PERF_LINE = re.compile(
+    r"llama_perf_context_print:\s+(prompt eval|eval) time =\s*[\d.]+ ms /\s*(\d+) (?:tokens|runs)\s*"
+    r"\(\s*[\d.]+ ms per token,\s*([\d.]+) tokens per second\)"
+)
 
 
-def decode_rate_theirs(stderr: str) -> float | None:
-    m = re.search(r"eval time =\s*[\d.]+ ms /\s*\d+ (?:runs|tokens)\s*\(\s*[\d.]+ ms per token,\s*([\d.]+) tokens per second", stderr)
-    return float(m.group(1)) if m else None
+def theirs_perf(stderr: str) -> dict[str, tuple[int, float]]:
+    """{'prompt eval': (tokens, tokens/s), 'eval': (tokens, tokens/s)} from llama-mtmd-cli's log."""
+    perf = {m.group(1): (int(m.group(2)), float(m.group(3))) for m in PERF_LINE.finditer(stderr)}
+    if set(perf) != {"prompt eval", "eval"}:
+        raise RuntimeError(f"llama-mtmd-cli printed no timings (is -lv 4 still honoured?): {stderr[-2000:]}")
+    return perf
 
 
-def decode_rate_ours(text: Path, proj: Path, threads: int, n: int, image: Path) -> float:
-    """Tokens per second of generate() alone, in this process, after the prompt is evaluated."""
+def our_decode(b: Bench, image: Path) -> tuple[float, float, int]:
+    """(tokens/s of generate() by the wall clock, tokens/s by llama.cpp's own 'eval time', prompt tokens), in
+    this process, after the prompt is evaluated.
+
+    The first includes our sampling and detokenizing in Python; the second is the same counter that
+    llama-mtmd-cli prints, so it compares like with like.
+    """
+    import llama_cpp
+
     from llavacli.engine import Engine, Sampling, Usage
 
-    with Engine(text, proj, n_ctx=4096, n_threads=threads, n_gpu_layers=0) as engine:
-        engine.feed(TEMPLATE.opening() + TEMPLATE.question(QUESTIONS[0], 1), [Image.open(image)])
+    with Engine(b.text, b.proj, n_ctx=N_CTX, n_threads=b.threads, n_gpu_layers=0) as engine:
+        engine.feed(prompt_text(QUESTIONS[0]), [Image.open(image)])
+        n_prompt = engine.n_past
+        before = llama_cpp.llama_perf_context(engine.llama.ctx)
         usage = Usage()
         start = time.perf_counter()
-        for _ in engine.generate(Sampling(max_tokens=n), usage):
+        for _ in engine.generate(Sampling(max_tokens=b.n), usage):
             pass
         took = time.perf_counter() - start
-    return max(1, usage.generated_tokens) / took
+        after = llama_cpp.llama_perf_context(engine.llama.ctx)
+    n_eval, eval_ms = after.n_eval - before.n_eval, after.t_eval_ms - before.t_eval_ms
+    return max(1, usage.generated_tokens) / took, 1000 * n_eval / eval_ms, n_prompt
 
 
-def chat_turn_seconds(b: Bench, turns: int) -> dict[int, float]:
-    lines = "\n".join(f"Question {i}: {QUESTIONS[i % 2]}" for i in range(turns)) + "\n"
-    _, _, _, err = run_with_rss(
-        [str(LLAVA), "chat", str(b.images[0]), "-m", str(b.text), "--mmproj", str(b.proj), "-n", str(b.n),
-         "--threads", str(b.threads), "--timings", "--no-cache"],
-        stdin=lines,
-    )
-    return {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"turn (\d+): .*?, ([\d.]+) s", err)}
+def chat_turn_seconds(b: Bench, cache: Path, turns: int) -> dict[int, float]:
+    questions = [f"Question {i + 1}: {QUESTIONS[i % 2]}" for i in range(turns)]
+    err = b.chat(questions, cache).stderr
+    seconds = {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"turn (\d+): .*?, ([\d.]+) s", err)}
+    if len(seconds) != turns:
+        raise RuntimeError(f"llava chat reported {len(seconds)} of {turns} turns: {err[-2000:]}")
+    return seconds
+
+
+# -- the rows ------------------------------------------------------------------------------------------
+
+
+def number(x: float) -> str:
+    return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
+
+
+@dataclass
+class Row:
+    measure: str
+    unit: str
+    ours: list[float]
+    against: list[float]
+    against_what: str
+    op: str  # "<=" or ">=": how the ratio ours / against must compare with the target
+    target: float
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.ours) / statistics.median(self.against)
+
+    @property
+    def met(self) -> bool:
+        return self.ratio <= self.target if self.op == "<=" else self.ratio >= self.target
+
+    def cells(self) -> list[str]:
+        ours, against = statistics.median(self.ours), statistics.median(self.against)
+        return [self.measure, f"{number(ours)} {self.unit}", f"{number(against)} {self.unit} ({self.against_what})",
+                f"{self.ratio:.2f}x", f"{self.op} {self.target}x", "yes" if self.met else "NO"]
+
+
+HEADINGS = ["measure", "llava", "against", "ratio", "target", "met"]
+
+
+def one_question(b: Bench, runs: int) -> tuple[list[Row], list[Row], tuple[int, int]]:
+    """The time rows, the resource rows (decode speed, RSS), and the prompt tokens (ours, theirs).
+
+    Per run: ours with a cold cache, theirs, ours again with that cache warm, our decode in this process.
+    """
+    img = b.images[0]
+    cold, warm, theirs, rate_o, eval_o, rate_t, rss_o, rss_t = [], [], [], [], [], [], [], []
+    for i in range(runs):
+        log(f"one question: run {i + 1} of {runs}")
+        with b.cold_cache() as cache:
+            first = b.ours([img], QUESTIONS[0], cache)
+            other = b.theirs(img, QUESTIONS[0])
+            second = b.ours([img], QUESTIONS[1], cache)
+        rate, eval_rate, n_ours = our_decode(b, img)
+        perf = theirs_perf(other.stderr)
+        cold.append(first.seconds), warm.append(second.seconds), theirs.append(other.seconds)
+        rss_o.append(first.rss_mb), rss_t.append(other.rss_mb)
+        rate_o.append(rate), eval_o.append(eval_rate), rate_t.append(perf["eval"][1])
+    times = [
+        Row("one question, one image, whole process", "s", cold, theirs, "llama-mtmd-cli", "<=", 1.0),
+        Row("second question, same image, new process (cache warm)", "s", warm, cold,
+            "llava, first question, cache cold", "<=", 0.3),
+    ]
+    resources = [
+        Row("decode speed (ours: generate() wall clock, Python included)", "tok/s", rate_o, rate_t, "llama-mtmd-cli eval time", ">=", 0.95),
+        Row("decode speed (both: llama.cpp eval time)", "tok/s", eval_o, rate_t, "llama-mtmd-cli eval time", ">=", 0.95),
+        Row("peak RSS, one question", "MB", rss_o, rss_t, "llama-mtmd-cli", "<=", 1.1),
+    ]
+    return times, resources, (n_ours, perf["prompt eval"][0])
+
+
+def eight_images(b: Bench, runs: int) -> Row:
+    batch, processes = [], []
+    for i in range(runs):
+        log(f"8 images: run {i + 1} of {runs}")
+        with b.cold_cache() as cache:
+            batch.append(b.ours(b.images, QUESTIONS[0], cache).seconds)
+        processes.append(sum(b.theirs(p, QUESTIONS[0]).seconds for p in b.images))
+    return Row("8 images, one question: one llava ask", "s", batch, processes,
+               "8 llama-mtmd-cli processes", "<=", 0.75)
+
+
+def chat_turns(b: Bench, runs: int) -> Row:
+    t2, t10 = [], []
+    for i in range(runs):
+        log(f"chat: run {i + 1} of {runs}")
+        with b.cold_cache() as cache:
+            turns = chat_turn_seconds(b, cache, 10)
+        t2.append(turns[2]), t10.append(turns[10])
+    return Row("llava chat, turn 10", "s", t10, t2, "llava chat, turn 2", "<=", 1.2)
+
+
+# -- the report ----------------------------------------------------------------------------------------
+
+
+def preamble(b: Bench, runs: int, prompt_tokens: tuple[int, int], load: float) -> list[str]:
+    ours, theirs = prompt_tokens
+    return [
+        f"command: {shlex.join([os.path.relpath(sys.executable), *sys.argv])}",
+        f"pair: {b.text.name} + {b.proj.name}; median of {runs} runs, llava and llama-mtmd-cli alternated; "
+        "llava starts each run with a fresh LLAVA_CACHE (cold, as on a first question)",
+        f"both: CPU only, {b.threads} threads, context {N_CTX}, batch and ubatch {N_BATCH}, greedy, {b.n} tokens, "
+        f"the same prompt text ({ours} tokens for llava, {theirs} for llama-mtmd-cli)",
+        "flash attention: off in the LLM for both (llama-cpp-python's default; llama-mtmd-cli -fa off); "
+        "in the vision encoder libmtmd's default, auto, for llava, and off for llama-mtmd-cli (its -fa covers both)",
+        f"machine: {os.cpu_count()} CPUs, load average {load:.2f} when the bench started",
+    ]
+
+
+def plain_table(rows: list[Row]) -> str:
+    lines = [HEADINGS] + [row.cells() for row in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(HEADINGS))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def markdown_table(rows: list[Row]) -> str:
+    lines = [HEADINGS, ["---"] * len(HEADINGS)] + [row.cells() for row in rows]
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
 
 
 def main() -> None:
@@ -216,6 +391,7 @@ def main() -> None:
     parser.add_argument("--build-only", action="store_true")
     args = parser.parse_args()
 
+    load = os.getloadavg()[0]
     mtmd = build_mtmd_cli()
     text, proj = build_pair(args.small)
     if args.build_only:
@@ -224,51 +400,18 @@ def main() -> None:
     work = OUT / "run"
     work.mkdir(parents=True, exist_ok=True)
     b = Bench(text, proj, mtmd, args.threads, args.tokens, work)
-    img = b.images[0]
-    rows = []
+    log("warming up: one untimed run of each")
+    b.warm_up()
+    log(f"llama-mtmd-cli runs as: {shlex.join(b.theirs_command(b.images[0], QUESTIONS[0]))}")
+    times, resources, prompt_tokens = one_question(b, args.runs)
+    rows = [*times, eight_images(b, args.runs), chat_turns(b, args.runs), *resources]
 
-    log("one question, whole process (ours without cache, theirs)")
-    ours1, theirs1, rss_o, rss_t, rate_t = [], [], [], [], []
-    for _ in range(args.runs):
-        w, r, _, _ = b.ours([img], QUESTIONS[0], cache="off")
-        ours1.append(w), rss_o.append(r)
-        w, r, _, err = b.theirs(img, QUESTIONS[0])
-        theirs1.append(w), rss_t.append(r), rate_t.append(decode_rate_theirs(err) or float("nan"))
-    rows.append(("one question, one image: llava / llama-mtmd-cli", median(ours1), median(theirs1), "<= 1.0"))
-
-    log("second question about the same image, new process")
-    first, second = [], []
-    for _ in range(args.runs):
-        first.append(b.ours([img], QUESTIONS[0], cache="cold")[0])
-        second.append(b.ours([img], QUESTIONS[1], cache="warm")[0])
-    rows.append(("second question, same image (cached) / first", median(second), median(first), "<= 0.3"))
-
-    log("8 images: one llava ask against 8 llama-mtmd-cli processes")
-    batch, eight = [], []
-    for _ in range(args.runs):
-        batch.append(b.ours(b.images, QUESTIONS[0], cache="off")[0])
-        eight.append(sum(b.theirs(p, QUESTIONS[0])[0] for p in b.images))
-    rows.append(("8 images: one llava ask / 8 llama-mtmd-cli", median(batch), median(eight), "<= 0.75"))
-
-    log("chat: turn 10 against turn 2")
-    t2, t10 = [], []
-    for _ in range(args.runs):
-        turns = chat_turn_seconds(b, 10)
-        t2.append(turns[2]), t10.append(turns[10])
-    rows.append(("llava chat: turn 10 / turn 2", median(t10), median(t2), "<= 1.2"))
-
-    log("decode tokens/s")
-    rate_o = [decode_rate_ours(text, proj, args.threads, args.tokens, img) for _ in range(args.runs)]
-    rows.append(("decode tokens/s: llava / llama-mtmd-cli", median(rate_o), median(rate_t), ">= 0.95"))
-    rows.append(("peak RSS MB: llava / llama-mtmd-cli", median(rss_o), median(rss_t), "<= 1.1"))
-
-    print(f"\n{'pair':<10} {text.name} + {proj.name}, {args.threads} threads, {args.tokens} tokens, median of {args.runs}\n")
-    print(f"| {'measure':<50} | {'ours':>9} | {'against':>9} | {'ratio':>6} | target  |")
-    print(f"|{'-' * 52}|{'-' * 11}|{'-' * 11}|{'-' * 8}|---------|")
-    for name, a, c, target in rows:
-        print(f"| {name:<50} | {a:9.2f} | {c:9.2f} | {a / c:6.2f} | {target:<7} |")
-    print(json.dumps({"rows": [dict(zip(("measure", "ours", "against", "ratio", "target"), (n, a, c, a / c, t))) for n, a, c, t in rows]}),
-          file=sys.stderr)
+    head = preamble(b, args.runs, prompt_tokens, load)
+    print("\n".join(["", *head, "", plain_table(rows), ""]))
+    print("Markdown:\n")
+    print("\n".join([*(f"{line}  " for line in head), "", markdown_table(rows)]))
+    print(json.dumps({"rows": [{"measure": r.measure, "ours": r.ours, "against": r.against, "ratio": r.ratio,
+                                "target": f"{r.op} {r.target}"} for r in rows]}), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ class Engine:
         n_threads: int | None = None,
         n_gpu_layers: int = -1,
         vision_offload: bool = True,
+        flash_attn: bool | None = None,
         verbose: bool = False,
     ):
         import llama_cpp
@@ -77,6 +78,9 @@ class Engine:
 
         backend.capture_logs(verbose)
         threads = n_threads or max(1, os.cpu_count() or 1)
+        if flash_attn is None:  # llama.cpp's "auto" is not reachable through Llama(): on where layers go to a GPU
+            # (bench/compare.py: on this project's 2-core CPU box flash attention decoded 10-20% slower)
+            flash_attn = n_gpu_layers != 0 and bool(llama_cpp.llama_supports_gpu_offload())
         try:
             self.llama = llama_cpp.Llama(
                 model_path=str(model),
@@ -86,6 +90,7 @@ class Engine:
                 n_threads=threads,
                 n_threads_batch=threads,
                 n_gpu_layers=n_gpu_layers,
+                flash_attn=flash_attn,
                 verbose=verbose,
             )
         except ValueError:
