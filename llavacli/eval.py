@@ -39,10 +39,10 @@ def read_questions(path: Path, limit: int | None = None) -> list[dict]:
             if not isinstance(record, dict) or not isinstance(record.get("text"), str) or "answer" not in record:
                 raise InputError(f"{path}:{number}: a question needs at least \"text\" and \"answer\"")
             try:
-                evaluate.rule_for(record)
+                rule = evaluate.rule_for(record)  # an unknown "rule" is refused here, before any model loads
             except ValueError as e:
                 raise InputError(f"{path}:{number}: {e}") from None
-            kind = str(record.get("kind") or evaluate.rule_for(record))
+            kind = str(record.get("kind") or rule)
             if limit and per_kind.get(kind, 0) >= limit:
                 continue
             per_kind[kind] = per_kind.get(kind, 0) + 1

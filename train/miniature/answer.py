@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from llavacli import evaluate
+from llavacli.eval import read_questions
 from llavacli.images import preprocess
 from llavacli.prompts import IMAGE, Turn, get_template
 
@@ -75,28 +76,16 @@ class Answerer:
         return [self.tok.decode(row[width:], skip_special_tokens=True).strip() for row in out]
 
 
-def read_questions(path: Path) -> list[dict]:
-    return [json.loads(line) for line in open(path) if line.strip()]
-
-
 def run_eval(
     model_dir: Path, questions: Path, out: Path | None = None, limit: int | None = None, log=None, batch: int = 25, max_new_tokens: int = 12
 ) -> dict:
     """Answer every question (or the first `limit` of each kind), score, and write predictions + summary."""
-    records = read_questions(questions)
-    if limit:
-        seen: dict[str, int] = {}
-        kept = []
-        for r in records:
-            if seen.get(r["kind"], 0) < limit:
-                seen[r["kind"]] = seen.get(r["kind"], 0) + 1
-                kept.append(r)
-        records = kept
+    records = read_questions(questions, limit)  # the same records `llava eval` answers
     answerer = Answerer(model_dir)
     predictions: list[str] = []
 
     def load(r: dict) -> Image.Image:
-        with Image.open(questions.parent / r["image"]) as img:
+        with Image.open(r["image"]) as img:
             return img.convert("RGB")
 
     for b in range(0, len(records), batch):
@@ -142,12 +131,11 @@ def run_eval_llamacpp(
 ) -> dict:
     """The same questions through llama.cpp, by the code behind `llava eval` (llavacli.eval): the runtime of
     `llava ask`, scored the same way. Predictions go to out.jsonl, the summary to out."""
-    from llavacli.eval import read_questions, run_eval
     from llavacli.engine import Engine
-    from llavacli.prompts import get_template
+    from llavacli.eval import run_eval as run_eval_in_llamacpp
 
     records = read_questions(questions, limit)
     with Engine(text_gguf, mmproj_gguf, n_ctx=1024, n_threads=threads, n_gpu_layers=0) as engine:
-        summary = run_eval(engine, get_template(engine.template_name), records, out.with_suffix(".jsonl"), max_tokens=12)
+        summary = run_eval_in_llamacpp(engine, get_template(engine.template_name), records, out.with_suffix(".jsonl"), max_tokens=12)
     out.write_text(json.dumps(summary, indent=1) + "\n")
     return summary

@@ -4,15 +4,17 @@ Architecture: transformers' CLIPVisionModel (quick_gelu, pre-LN, CLS token, lear
 in 32 px patches, so a 3 x 3 grid: 9 image tokens for the language model (LLaVA takes the penultimate layer's
 patch states and drops CLS). The patches are the scene's cells, so each image token shows at most one shape,
 whole: the tower learns shapes in a few hundred steps that way (a grid of small patches unaligned with the
-cells took thousands), and the language model looks a shape up among 9 tokens, not dozens. The FFN width is kept different from the hidden width (llama.cpp's clip loader
-would read equal sizes as swapped weights).
+cells took thousands), and the language model looks a shape up among 9 tokens, not dozens. The FFN width is
+kept different from the hidden width (llama.cpp's clip loader would read equal sizes as swapped weights).
 
 Objective: instead of CLIP's caption contrast (which needs a text tower and far more data than a few minutes
 allow), the tower learns from what the generator knows about every picture, read out linearly:
 
 - per patch, from the penultimate layer (the features LLaVA uses): the colour, kind and size of the shape in
-  the patch's cell (or none), and which cell it is. These are exactly the patch words
-  that the language model read in pre-training (data.grid_text), so the projector has an easy job;
+  the patch's cell (or none), and which cell it is. These are exactly the patch words that the language
+  model read in pre-training (data.grid_text), so the projector has an easy job;
+- per patch too: which patch words the whole scene holds (multi-hot), the scene table that the language
+  model's pre-training adds to every grid token (language.ComposedEmbedding);
 - per picture, from the mean of those patch states and from the final layer's pooled CLS: how many shapes
   there are, and how many of each colour and each kind.
 
