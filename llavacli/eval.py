@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 from llavacli import evaluate
 from llavacli.ask import answer_one
@@ -110,10 +110,10 @@ def _prediction_row(record: dict, prediction: str, scored: evaluate.Scored) -> d
     }
 
 
-def summary_table(summary: dict, kinds: Iterable[str] | None = None) -> str:
+def summary_table(summary: dict) -> str:
     """Per-kind accuracy next to chance, as plain text for a terminal; the POPE figures below."""
     rows = [("kind", "n", "accuracy", "chance")]
-    for kind in kinds or summary["kinds"]:
+    for kind in summary["kinds"]:
         acc = summary["kinds"][kind]
         ch = summary["chance"][kind]
         rows.append((kind, str(acc["n"]), f"{100 * acc['accuracy']:.1f}%", f"{100 * max(ch['majority'], ch['uniform']):.1f}%"))

@@ -181,8 +181,7 @@ class ComposedEmbedding:
     LLaMA, and patch words never reach it again.
     """
 
-    def __init__(self, model, parts: dict[int, list[int]], empty: int, place_words: list[list[int]], scene: bool = True):
-        self.scene = scene
+    def __init__(self, model, parts: dict[int, list[int]], empty: int, place_words: list[list[int]]):
         self.embed = model.get_input_embeddings()
         self.words = torch.tensor(sorted(parts))
         self.parts = torch.tensor([parts[w] for w in sorted(parts)])
@@ -205,8 +204,6 @@ class ComposedEmbedding:
         order = is_grid.long().cumsum(1) - 1  # grids are whole runs of n tokens
         k = order % n
         places = torch.stack([w[ids].sum(0) if ids else w.new_zeros(w.shape[1]) for ids in self.place_words])  # (n, H)
-        if not self.scene:
-            return out + places[k] * is_grid.unsqueeze(-1)
         # the scene sum: each grid's shapes' own rows, added up per grid and given to each of its tokens
         run = torch.where(is_grid, order // n, 0)  # which grid of its row a token belongs to
         shape_rows = nn.functional.embedding(input_ids, w) * (is_grid & (input_ids != self.empty)).unsqueeze(-1)
@@ -229,10 +226,10 @@ def place_word_ids(tok) -> list[list[int]]:
     return out
 
 
-def composed_embedding(model, tok, places: bool = True) -> ComposedEmbedding:
+def composed_embedding(model, tok) -> ComposedEmbedding:
     empty = tok(D.EMPTY, add_special_tokens=False).input_ids
     assert len(empty) == 1
-    return ComposedEmbedding(model, patch_word_parts(tok), empty[0], place_word_ids(tok) if places else [[] for _ in range(D.PATCHES**2)])
+    return ComposedEmbedding(model, patch_word_parts(tok), empty[0], place_word_ids(tok))
 
 
 def input_only(ids: torch.Tensor, composed: ComposedEmbedding, pad: int) -> torch.Tensor:
