@@ -6,7 +6,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, TextIO
+from typing import Callable, TextIO
 
 from llavacli.cache import Cache, embeddings_key, state_key
 from llavacli.engine import Engine, Sampling, Usage
@@ -97,7 +97,7 @@ def run_ask(
     engine: Engine,
     template: Template,
     prompt: str,
-    images: Iterable[Callable[[], LoadedImage]] | None,
+    images: list[Callable[[], LoadedImage]] | None,
     sampling: Sampling,
     *,
     system: str | None,
@@ -106,12 +106,25 @@ def run_ask(
     out: TextIO = sys.stdout,
     report_error: Callable[[str], None],
     cache: Cache | None = None,
+    parallel: int | None = None,
 ) -> int:
-    """Answer every image; a bad image is reported and skipped. Returns the number of failures."""
-    failures = 0
+    """Answer every image; a bad image is reported and skipped. Returns the number of failures.
+
+    Several images are answered side by side (llavacli.batch) when the context has room for them;
+    parallel: how many at once (None: as many as --ctx-size holds; 1: one at a time).
+    """
     if images is None:  # a text-only question
         _emit(engine, template, prompt, None, sampling, system, as_json, False, out, cache)
         return 0
+    if labelled and len(images) > 1:
+        from llavacli import batch
+
+        shape = batch.plan(engine, template, prompt, system, sampling.max_tokens, len(images), parallel)
+        if shape is not None:
+            engine.use_sequences(shape.sequences, shape.positions)
+            together = batch.Together(engine, template, prompt, sampling, system, cache)
+            return _run_together(together, images, shape.sequences, as_json, out, report_error)
+    failures = 0
     for load in images:
         try:
             image = load()
@@ -122,6 +135,66 @@ def run_ask(
             failures += 1
             report_error(str(e))
     return failures
+
+
+def _run_together(together, loaders, group_size: int, as_json: bool, out: TextIO, report_error) -> int:
+    failures = 0
+    for first in range(0, len(loaders), group_size):
+        group = []
+        for load in loaders[first : first + group_size]:
+            try:
+                group.append(load())
+            except LlavaError as e:
+                failures += 1
+                report_error(str(e))
+        if group:
+            printer = _InOrder([image.label for image in group], as_json, out)
+            together.answer(group, on_text=printer.text, on_done=printer.done)
+    return failures
+
+
+class _InOrder:
+    """Answers in the images' order, whole lines; the earliest unfinished answer streams as it grows."""
+
+    def __init__(self, labels: list[str], as_json: bool, out: TextIO):
+        self.labels, self.as_json, self.out = labels, as_json, out
+        self.current = 0
+        self.held: dict[int, list[str]] = {i: [] for i in range(len(labels))}
+        self.finished: dict[int, Answer] = {}
+        self.begun = False  # the current answer's label is out
+
+    def text(self, i: int, piece: str) -> None:
+        if self.as_json:
+            return
+        self.held[i].append(piece)
+        if i == self.current:
+            self._flush()
+
+    def done(self, i: int, answer: Answer) -> None:
+        self.finished[i] = answer
+        while self.current in self.finished:
+            if self.as_json:
+                self.out.write(self.finished[self.current].to_json() + "\n")
+            else:
+                self._flush()
+                self.out.write("\n")
+            self.out.flush()
+            self.current += 1
+            self.begun = False
+            if self.current < len(self.labels) and not self.as_json:
+                self._flush()
+
+    def _flush(self) -> None:
+        if not self.begun:
+            self.out.write(f"{self.labels[self.current]}: ")
+            self.begun, self.leading = True, True
+        text = "".join(self.held[self.current])
+        self.held[self.current] = []
+        if self.leading:  # the model's answer begins with the space after "ASSISTANT:"
+            text = text.lstrip()
+            self.leading = not text
+        self.out.write(text)
+        self.out.flush()
 
 
 def _emit(engine, template, prompt, image, sampling, system, as_json, labelled, out, cache) -> None:

@@ -109,11 +109,16 @@ class Cache:
             os.utime(path)  # least recently used is judged by mtime
         return payload
 
-    def put(self, kind: str, key: str, payload: bytes) -> None:
+    def put(self, kind: str, key: str, *parts: bytes) -> None:
+        """Store the payload made of parts, written one after the other (a state is tens of MB: no joining)."""
         if not self.enabled:
             return
-        wrapped = HEADER.pack(MAGIC, len(payload), hashlib.sha256(payload).digest())
-        if len(wrapped) + len(payload) > self.max_bytes:
+        digest, length = hashlib.sha256(), 0
+        for part in parts:
+            digest.update(part)
+            length += len(part)
+        header = HEADER.pack(MAGIC, length, digest.digest())
+        if len(header) + length > self.max_bytes:
             return
         path = self._path(kind, key)
         try:
@@ -121,8 +126,8 @@ class Cache:
             fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=path.parent)
             try:
                 with os.fdopen(fd, "wb") as f:
-                    f.write(wrapped)
-                    f.write(payload)
+                    for part in (header, *parts):
+                        f.write(part)
                 os.replace(tmp, path)  # atomic: readers see the old entry, the new one, or none
             except BaseException:
                 with _quiet():
@@ -203,16 +208,16 @@ class Cache:
         np.save(buf, np.ascontiguousarray(embd, dtype=np.float32), allow_pickle=False)
         self.put("emb", key, buf.getvalue())
 
-    def get_state(self, key: str) -> tuple[bytes, int, int] | None:
+    def get_state(self, key: str) -> tuple[memoryview, int, int] | None:
         """(llama.cpp state, positions it holds, positions of the text before the image)."""
         data = self.get("state", key)
         if data is None or len(data) < 16:
             return None
         n_past, n_text = struct.unpack_from("<qq", data)
-        return data[16:], n_past, n_text
+        return memoryview(data)[16:], n_past, n_text
 
     def put_state(self, key: str, state: bytes, n_past: int, n_text: int) -> None:
-        self.put("state", key, struct.pack("<qq", n_past, n_text) + state)
+        self.put("state", key, struct.pack("<qq", n_past, n_text), state)
 
 
 def _unwrap(data: bytes) -> bytes | None:

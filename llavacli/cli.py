@@ -98,6 +98,7 @@ def ask(
     gpu_layers: str = GpuLayersOpt,
     no_vision_offload: bool = NoVisionOffloadOpt,
     no_cache: bool = NoCacheOpt,
+    parallel: Optional[int] = typer.Option(None, "--parallel", min=1, metavar="N", help="With several images, decode N answers together in one batch. Default: as many as --ctx-size holds, up to 8; 1 answers one image at a time.", show_default=False),
     verbose: bool = VerboseOpt,
 ) -> None:
     """Answer PROMPT about each IMAGE once; the answer goes to stdout, everything else to stderr.
@@ -144,6 +145,7 @@ def ask(
             labelled=labelled,
             report_error=lambda msg: print(f"llava: error: {msg}", file=sys.stderr),
             cache=open_cache(enabled=not no_cache),
+            parallel=parallel,
         )
     finally:
         engine.close()

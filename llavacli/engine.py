@@ -109,10 +109,14 @@ class Engine:
         self._marker = mtmd_cpp.mtmd_default_marker().decode()
         self.n_past = 0
         self._text_prefix: tuple[str, int] | None = None  # (text, tokens) known to open the context
+        self.n_seq, self.n_ctx_seq, self._batch = 1, self.n_ctx, None  # see use_sequences()
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
     def close(self) -> None:
+        if getattr(self, "_batch", None) is not None:
+            self._llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
         if getattr(self, "_mctx", None):
             self._mtmd.mtmd_free(self._mctx)
             self._mctx = None
@@ -151,28 +155,31 @@ class Engine:
             self._text_prefix = (text, self.n_past)
         return self.n_past
 
-    # -- sequence state: the KV cache of the conversation, as bytes ----------------------------------------
+    # -- sequence state: the KV cache of one conversation, as bytes --------------------------------------
 
-    def save_state(self) -> bytes:
-        """The context's KV cache (sequence 0) as llama.cpp serialises it."""
+    def save_state(self, seq: int = 0) -> memoryview:
+        """Sequence seq's KV cache as llama.cpp serialises it."""
         ctx = self.llama.ctx
-        size = self._llama_cpp.llama_state_seq_get_size(ctx, 0)
+        size = self._llama_cpp.llama_state_seq_get_size(ctx, seq)
         buf = (ctypes.c_uint8 * size)()
-        written = self._llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0)
+        written = self._llama_cpp.llama_state_seq_get_data(ctx, buf, size, seq)
         if written == 0:
             raise BackendError("llama.cpp could not save the context state")
-        return bytes(buf)[:written]
+        return memoryview(buf).cast("B")[:written]
 
     def load_state(self, data: bytes, n_past: int, text_prefix: tuple[str, int] | None = None) -> bool:
         """Replace the context with a saved one holding n_past positions; False if llama.cpp refuses it."""
         self.reset()
-        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        if self._llama_cpp.llama_state_seq_set_data(self.llama.ctx, buf, len(data), 0) == 0:
+        if not self._set_seq_state(0, data):
             self.reset()
             return False
         self.llama.n_tokens = self.n_past = n_past
         self._text_prefix = text_prefix
         return True
+
+    def _set_seq_state(self, seq: int, data: bytes) -> bool:
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        return self._llama_cpp.llama_state_seq_set_data(self.llama.ctx, buf, len(data), seq) != 0
 
     # -- images ----------------------------------------------------------------------------------------
 
@@ -188,8 +195,11 @@ class Engine:
             raise BackendError("llama.cpp could not take the image")
         return bitmap
 
-    def _tokenize(self, text: str, images: list[Image.Image]):
-        """mtmd chunks for prompt text in which each IMAGE stands for one of `images`, in order."""
+    def _tokenize(self, text: str, images: list[Image.Image], at_start: bool | None = None):
+        """mtmd chunks for prompt text in which each IMAGE stands for one of `images`, in order.
+
+        at_start: the text opens a conversation (BOS first); by default, when the context is empty.
+        """
         if text.count(IMAGE) != len(images):
             raise InputError(f"the prompt marks {text.count(IMAGE)} images but {len(images)} were given")
         bitmaps = [self._bitmap(img) for img in images]
@@ -199,7 +209,7 @@ class Engine:
             inp = self._mtmd.mtmd_input_text()
             inp.text = encoded
             inp.text_len = len(encoded)
-            inp.add_special = self.n_past == 0  # BOS only at the very start of the context
+            inp.add_special = self.n_past == 0 if at_start is None else at_start  # BOS only at the very start
             inp.parse_special = True  # "</s>" between turns is the EOS token, as in training
             array = (self._mtmd.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
             rc = self._mtmd.mtmd_tokenize(self._mctx, chunks, ctypes.byref(inp), array, len(bitmaps))
@@ -239,9 +249,9 @@ class Engine:
 
     # -- prompt and generation -------------------------------------------------------------------------
 
-    def tokens_of(self, text: str) -> list[int]:
+    def tokens_of(self, text: str, at_start: bool | None = None) -> list[int]:
         """Text tokens exactly as feed() would produce them for text without images at this position."""
-        chunks = self._tokenize(text, [])
+        chunks = self._tokenize(text, [], at_start)
         try:
             return [t for _, toks in self._chunks(chunks) for t in (toks or [])]
         finally:
@@ -294,6 +304,10 @@ class Engine:
         self.n_past = self.llama.n_tokens
 
     def _eval_image_chunk(self, chunk, embd: np.ndarray | None = None) -> None:
+        self.n_past = self.llama.n_tokens = self._decode_image(chunk, embd, 0, self.n_past)
+
+    def _decode_image(self, chunk, embd: np.ndarray | None, seq: int, pos: int) -> int:
+        """The LLM's pass over one image chunk in sequence seq from position pos; returns the next position."""
         new_n_past = self._llama_cpp.llama_pos(0)
         n_tokens = self._mtmd.mtmd_input_chunk_get_n_tokens(chunk)
         if embd is not None and embd.shape == (n_tokens, self.llama.n_embd()):
@@ -301,15 +315,104 @@ class Engine:
             embd = np.ascontiguousarray(embd, dtype=np.float32)
             rc = self._mtmd.mtmd_helper_decode_image_chunk(
                 self._mctx, self.llama.ctx, chunk, embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
-                self.n_past, 0, self.llama.n_batch, ctypes.byref(new_n_past), self._mtmd.mtmd_helper_post_decode_callback(), None,
+                pos, seq, self.llama.n_batch, ctypes.byref(new_n_past), self._mtmd.mtmd_helper_post_decode_callback(), None,
             )
         else:
             rc = self._mtmd.mtmd_helper_eval_chunk_single(
-                self._mctx, self.llama.ctx, chunk, self.n_past, 0, self.llama.n_batch, False, ctypes.byref(new_n_past)
+                self._mctx, self.llama.ctx, chunk, pos, seq, self.llama.n_batch, False, ctypes.byref(new_n_past)
             )
         if rc != 0:
             raise BackendError(f"llama.cpp failed to evaluate the image (code {rc}): {backend.last_error()}")
-        self.n_past = self.llama.n_tokens = new_n_past.value
+        return new_n_past.value
+
+    # -- several conversations side by side: one llama.cpp sequence each -------------------------------
+
+    def use_sequences(self, n_seq: int, n_ctx_seq: int) -> None:
+        """Rebuild the context to hold n_seq conversations of n_ctx_seq positions each.
+
+        Each sequence gets a KV stream of its own (llama.cpp's non-unified cache), so one conversation's
+        attention never reads another's positions. The single-conversation methods above are not for
+        use afterwards.
+        """
+        from llama_cpp._internals import LlamaContext
+
+        params = self.llama.context_params
+        params.n_seq_max, params.n_ctx, params.kv_unified = n_seq, n_seq * n_ctx_seq, False
+        self.llama._ctx.close()  # free the old KV cache before allocating the new one
+        try:
+            self.llama._ctx = LlamaContext(model=self.llama._model, params=params, verbose=self.llama.verbose)
+        except ValueError:
+            raise ModelError(f"llama.cpp could not make a context for {n_seq} answers: {backend.last_error()}") from None
+        self.n_seq, self.n_ctx_seq = n_seq, self._llama_cpp.llama_n_ctx_seq(self.llama.ctx)
+        self._batch = self._llama_cpp.llama_batch_init(self.llama.n_batch, 0, 1)
+        self.n_past, self._text_prefix = 0, None
+
+    def image_token_count(self) -> int:
+        """Positions one image takes in the LLM's context."""
+        chunks = self._tokenize(IMAGE, [Image.new("RGB", (self.image_size, self.image_size))])
+        try:
+            return sum(self._mtmd.mtmd_input_chunk_get_n_tokens(c) for c, tokens in self._chunks(chunks) if tokens is None)
+        finally:
+            self._mtmd.mtmd_input_chunks_free(chunks)
+
+    def seq_clear(self, seq: int) -> None:
+        self._llama_cpp.llama_memory_seq_rm(self.llama._ctx.memory, seq, -1, -1)
+
+    def seq_restore(self, seq: int, state: bytes) -> bool:
+        """Make sequence seq hold a saved state (save_state); False if llama.cpp refuses it."""
+        self.seq_clear(seq)
+        if self._set_seq_state(seq, state):
+            return True
+        self.seq_clear(seq)
+        return False
+
+    def seq_feed_image(self, seq: int, pos: int, img: Image.Image, embd: np.ndarray | None = None) -> int:
+        """The image (or its precomputed embeddings) into sequence seq at pos; returns the next position."""
+        chunks = self._tokenize(IMAGE, [img], at_start=False)
+        try:
+            with _deferred_ctrl_c():
+                for chunk, tokens in self._chunks(chunks):
+                    if tokens is None:
+                        pos = self._decode_image(chunk, embd, seq, pos)
+            return pos
+        finally:
+            self._mtmd.mtmd_input_chunks_free(chunks)
+
+    def seq_decode(self, entries: list[tuple[int, int, list[int]]]) -> list[int]:
+        """Evaluate tokens in several sequences at once: entries of (sequence, first position, tokens).
+
+        Returns, for each entry, the index its last token's logits have for sample(). Every last token
+        goes into the final llama_decode, whose logits are the ones kept.
+        """
+        items = [(seq, pos + i, tok, False) for seq, pos, toks in entries for i, tok in enumerate(toks[:-1])]
+        items += [(seq, pos + len(toks) - 1, toks[-1], True) for seq, pos, toks in entries]
+        b, n_batch = self._batch, self.llama.n_batch
+        for start in range(0, len(items), n_batch):
+            part = items[start : start + n_batch]
+            for i, (seq, pos, tok, keep) in enumerate(part):
+                b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, keep
+                b.seq_id[i][0] = seq
+            b.n_tokens = len(part)
+            with _deferred_ctrl_c():
+                rc = self._llama_cpp.llama_decode(self.llama.ctx, b)
+            if rc != 0:
+                raise BackendError(f"llama.cpp failed to decode a batch (code {rc}): {backend.last_error()}")
+        first_kept = len(part) - len(entries)
+        return [first_kept + i for i in range(len(entries))]
+
+    def sampler(self, sampling: Sampling):
+        """A fresh sampler: the same sampling and seed give the same answer."""
+        return self._sampler(sampling)
+
+    def sample(self, sampler, index: int) -> int:
+        with _deferred_ctrl_c():
+            return sampler.sample(self.llama._ctx, index)
+
+    def is_end(self, token: int) -> bool:
+        return token == self.llama.token_eos() or bool(self._llama_cpp.llama_vocab_is_eog(self.llama._model.vocab, token))
+
+    def token_bytes(self, token: int) -> bytes:
+        return self.llama.detokenize([token], special=False)
 
     def logits(self) -> np.ndarray:
         """Next-token logits after the last feed()."""
@@ -342,29 +445,43 @@ class Engine:
         """
         usage = usage if usage is not None else Usage()
         sampler = self._sampler(sampling)
-        eos = self.llama.token_eos()
-        pending = b""
+        text = Utf8Stream()
         usage.stopped_by = "length"
         for _ in range(sampling.max_tokens):
-            with _deferred_ctrl_c():
-                token = sampler.sample(self.llama._ctx, -1)
+            token = self.sample(sampler, -1)
             usage.token_ids.append(token)
-            if token == eos or self._llama_cpp.llama_vocab_is_eog(self.llama._model.vocab, token):
+            if self.is_end(token):
                 usage.stopped_by = "eos"
                 break
             usage.generated_tokens += 1
-            pending += self.llama.detokenize([token], special=False)
-            text = _complete_utf8(pending)
-            if text:
-                pending = pending[len(text.encode()) :]
-                yield text
+            piece = text.add(self.token_bytes(token))
+            if piece:
+                yield piece
             if self.n_past + 1 > self.n_ctx:
                 usage.stopped_by = "context"
                 break
             with _deferred_ctrl_c():
                 self._eval_tokens([token])
-        if pending:
-            yield pending.decode("utf-8", errors="replace")
+        rest = text.rest()
+        if rest:
+            yield rest
+
+
+class Utf8Stream:
+    """Token bytes in, text out as soon as it is whole UTF-8 characters."""
+
+    def __init__(self):
+        self._pending = b""
+
+    def add(self, data: bytes) -> str:
+        self._pending += data
+        text = _complete_utf8(self._pending)
+        self._pending = self._pending[len(text.encode()) :]
+        return text
+
+    def rest(self) -> str:
+        text, self._pending = self._pending.decode("utf-8", errors="replace"), b""
+        return text
 
 
 @contextlib.contextmanager
