@@ -76,9 +76,7 @@ def start_from_image(engine: Engine, template_name: str, before: str, image: Loa
     embd = image_embeddings(engine, image, cache)
     engine.feed(IMAGE, [image.image], [embd])
     if skey is not None:
-        state = engine.save_state()
-        if len(state) <= cache.max_bytes // 4:  # a state that would push most other entries out does not pay
-            cache.put_state(skey, state, engine.n_past, n_text)
+        cache.put_state(skey, engine.save_state(), engine.n_past, n_text)
 
 
 def image_embeddings(engine: Engine, image: LoadedImage, cache: Cache | None):
@@ -162,6 +160,7 @@ class _InOrder:
         self.held: dict[int, list[str]] = {i: [] for i in range(len(labels))}
         self.finished: dict[int, Answer] = {}
         self.begun = False  # the current answer's label is out
+        self.leading = True  # nothing of the current answer written yet but whitespace
 
     def text(self, i: int, piece: str) -> None:
         if self.as_json:

@@ -153,7 +153,5 @@ class Together:
             self._prefix = (engine.save_state(seq), n_text)
         pos = engine.seq_feed_image(seq, n_text, image.image, image_embeddings(engine, image, cache))
         if skey is not None:
-            state = engine.save_state(seq)
-            if len(state) <= cache.max_bytes // 4:
-                cache.put_state(skey, state, pos, n_text)
+            cache.put_state(skey, engine.save_state(seq), pos, n_text)
         return pos

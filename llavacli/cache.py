@@ -217,6 +217,8 @@ class Cache:
         return memoryview(data)[16:], n_past, n_text
 
     def put_state(self, key: str, state: bytes, n_past: int, n_text: int) -> None:
+        if len(state) > self.max_bytes // 4:  # a state that would push most other entries out does not pay
+            return
         self.put("state", key, struct.pack("<qq", n_past, n_text), state)
 
 
