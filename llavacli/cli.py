@@ -29,6 +29,21 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"llava {version('llava-cli')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version, help="Print llava's version and exit."),
+) -> None:
+    pass
+
+
 # -- options shared by ask and chat ----------------------------------------------------------------------
 
 ModelOpt = typer.Option(None, "--model", "-m", help="A GGUF file (its mmproj found beside it) or a preset name (see `llava models list`). Default: llava-1.5-7b.", show_default=False)
@@ -116,6 +131,8 @@ def ask(
     from llavacli.runtime import open_engine, pick_template
 
     *sources, prompt = args
+    if not sources and images_from is None and (prompt == "-" or Path(prompt).is_file()):
+        raise clickx.UsageError(f"no PROMPT after the image {prompt} (llava ask IMAGE... PROMPT)")
     if images_from is not None:
         if "-" in sources and images_from == "-":
             raise clickx.UsageError("stdin cannot carry both an image (-) and the image list (--images-from -)")

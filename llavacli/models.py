@@ -225,6 +225,9 @@ def _download(preset: Preset, filename: str, sha256: str | None) -> Path:
     where = f"model {preset.name}: {filename} from {constants.ENDPOINT}/{preset.repo_id}"
     if constants.is_offline_mode():
         raise ModelError(f"{where}: not downloaded, and HF_HUB_OFFLINE is set")
+    unreachable = _unreachable(constants.ENDPOINT)
+    if unreachable:
+        raise ModelError(f"{where}: cannot reach the Hub ({unreachable}); `--model demo` needs no network")
     print(f"downloading {preset.name}: {filename} into {hub_cache_dir()}", file=sys.stderr)
     try:
         # Resumes by itself (HTTP Range) when the connection drops mid-file.
@@ -254,6 +257,26 @@ def _download(preset: Preset, filename: str, sha256: str | None) -> Path:
                 "the download was deleted, try again"
             )
     return path
+
+
+def _unreachable(endpoint: str, timeout: float = 5.0) -> str | None:
+    """Why no TCP connection to the endpoint opens, or None when one does (or a proxy stands between).
+
+    huggingface_hub retries an unreachable host five times over 23 seconds, logging each try; one connect
+    answers the same question at once."""
+    import socket
+    import urllib.parse
+    import urllib.request
+
+    url = urllib.parse.urlsplit(endpoint)
+    if not url.hostname or (urllib.request.getproxies().get(url.scheme) and not urllib.request.proxy_bypass(url.hostname)):
+        return None
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{url.hostname}:{port}: {e.strerror or _first_line(e)}"
+    return None
 
 
 def _sha256_named_by_blob(path: Path) -> str | None:

@@ -208,3 +208,17 @@ def test_an_unreachable_url_is_a_clear_error(pair):
 @pytest.mark.parametrize("args", [["--temperature", "-1"], ["--bogus"], ["--gpu-layers", "many"]])
 def test_usage_errors_exit_2(pair, images, args):
     _one_line_error(run_llava("ask", images["square"], PROMPT, "-m", pair[0], *args), 2, args[0])
+
+
+def test_an_image_without_a_prompt_is_a_usage_error_not_a_text_question(pair, images):
+    """`llava ask photo.jpg` alone would otherwise ask the model about the words "photo.jpg"."""
+    line = _one_line_error(run_llava("ask", images["square"], "-m", pair[0]), 2, "no PROMPT")
+    assert str(images["square"]) in line
+
+
+def test_version():
+    proc = run_llava("--version")
+    assert proc.returncode == 0, proc.stderr
+    from importlib.metadata import version
+
+    assert proc.stdout.strip() == f"llava {version('llava-cli')}"

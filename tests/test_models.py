@@ -280,3 +280,18 @@ def test_offline_mode_is_named_in_the_error_instead_of_waiting_for_the_network(l
     assert pulled.returncode == 1
     assert pulled.stderr.strip().endswith("not downloaded, and HF_HUB_OFFLINE is set")
     assert not [r for r in hub.requests if "/resolve/" in r[1]]
+
+
+def test_an_unreachable_hub_fails_at_once_without_retries(llava_models):
+    """huggingface_hub alone retries a host that refuses connections five times, over 23 seconds, logging
+    each try; the error is one line, with no retry before it."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends: nothing listens there
+    pulled = llava_models("pull", "tiny", HF_ENDPOINT=f"http://127.0.0.1:{port}")
+    assert pulled.returncode == 1
+    line = pulled.stderr.strip()
+    assert "\n" not in line and "Retrying" not in line
+    assert f"cannot reach the Hub (127.0.0.1:{port}: " in line and "--model demo" in line
