@@ -119,6 +119,22 @@ def test_answers_are_true_of_the_scene(seed):
         assert m.choices[D.LETTERS.index(m.short)] in (*D.COLORS, *D.SHAPES)
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_facts_are_true_of_the_scene(seed):
+    scene = _scene(seed)
+    sentences = D.facts(scene, random.Random(seed)).split(". ")
+    assert len(sentences) == sum(min(2, 1 + 2 * (scene.count(kind=s.kind) == 1) + 2 * (scene.count(color=s.color) == 1)
+                                     + (scene.count(kind=s.kind, color=s.color) == 1)) for s in scene.shapes)
+    for sentence in sentences:
+        sentence = sentence.rstrip(".")
+        named = [s for s in scene.shapes if sentence.startswith((f"The color of the {s.kind} is", f"The {s.kind} is", f"The {s.color} shape is",
+                                                                    f"The {s.color} {s.kind} is", f"The shape {D.WHERE[s.cell]} is"))]
+        assert len(named) == 1, (sentence, scene.shapes)
+        s = named[0]
+        stated = sentence.split(" is ", 1)[1]
+        assert stated in (s.color, s.size, D.WHERE[s.cell], f"{D._article(s.kind)} {s.kind}", D._noun_phrase(s)), sentence
+
+
 def test_pictures_show_the_scene(tmp_path):
     """Every shape's colour is at its centre, and nothing but background far from the shapes."""
     for seed in range(10):
@@ -162,3 +178,29 @@ def test_patch_words_name_each_cell_in_reading_order():
     assert words[(per - 1) * D.PATCHES + D.PATCHES - 1] == "largeredstar"
     assert words[(D.PATCHES - 1) * D.PATCHES] == "smallbluecircle"
     assert sum(w != D.EMPTY for w in words) == 2 * per * per
+
+
+def test_a_packed_document_sees_only_itself():
+    """Packed into one row for pre-training, each document gives the logits it gives alone (the grids of the
+    documents before it are not in its view), from position 0."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from train.miniature.language import packed_attention
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2)).eval()
+    docs = [torch.randint(3, 64, (n,)) for n in (5, 7, 3)]
+    row = torch.cat(docs + [torch.zeros(2, dtype=torch.long)])[None]
+    doc = torch.tensor([[i for i, d in enumerate(docs) for _ in d] + [-1, -1]])
+    mask, positions = packed_attention(doc)
+    with torch.no_grad():
+        packed = model(input_ids=row, attention_mask=mask, position_ids=positions).logits[0]
+        start = 0
+        for d in docs:
+            alone = model(input_ids=d[None]).logits[0]
+            assert torch.allclose(packed[start : start + len(d)], alone, atol=1e-5)
+            start += len(d)
+        unmasked = model(input_ids=row).logits[0]
+    assert not torch.allclose(unmasked[5:12], packed[5:12], atol=1e-3), "without the mask the second document sees the first"

@@ -14,10 +14,10 @@ from conftest import run_llava
 from llavacli.models import DEMO_DIR
 from train.miniature import data as D
 
-# The targets are 0.95 / 0.95 / 0.80. The shipped model measures 0.67 / 0.72 / 0.84 on the recipe's
+# The targets are 0.95 / 0.95 / 0.80. The shipped model measures 0.63 / 0.94 / 0.86 on the recipe's
 # first 100 questions per kind (README, "The demo model"); these floors hold it there, ten points under, so a
 # model that answers at chance (about 0.2 for colour and shape) or a broken runtime fails.
-FLOORS = {D.KIND_COLOR: 0.55, D.KIND_SHAPE: 0.6, D.KIND_COUNT: 0.74}
+FLOORS = {D.KIND_COLOR: 0.53, D.KIND_SHAPE: 0.84, D.KIND_COUNT: 0.76}
 PER_KIND = 60
 
 pytestmark = pytest.mark.skipif(

@@ -548,23 +548,48 @@ def eval_question(scene: Scene, image: str, rng: random.Random, kind: str, qid: 
     return record
 
 
+def facts(scene: Scene, rng: random.Random) -> str:
+    """Two facts about each shape, in random order, each naming the shape by one property and stating another:
+    "The color of the star is red. The red shape is a star. The shape in the top left corner is a large red
+    star." Each says which property comes before it names it ("The star is" could go on with a colour or a
+    place; "The color of the star is" only with a colour), so the answer is a lookup, not a guess.
+
+    After the patch words every fact is a lookup (find the patch with this kind, read its colour), the one
+    a colour or shape question needs, but with the name one token before the answer instead of a dozen; the
+    language model learns the lookup from these first, then uses it for questions."""
+    sentences = []
+    for s in rng.sample(scene.shapes, len(scene.shapes)):
+        options = [f"The shape {WHERE[s.cell]} is {_noun_phrase(s)}."]
+        if scene.count(kind=s.kind) == 1:
+            options += [f"The color of the {s.kind} is {s.color}.", f"The {s.kind} is {WHERE[s.cell]}."]
+        if scene.count(color=s.color) == 1:
+            options += [f"The {s.color} shape is {_article(s.kind)} {s.kind}.", f"The {s.color} shape is {s.size}."]
+        if scene.count(kind=s.kind, color=s.color) == 1:
+            options.append(f"The {s.color} {s.kind} is {WHERE[s.cell]}.")
+        sentences += rng.sample(options, min(2, len(options)))
+    return " ".join(rng.sample(sentences, len(sentences)))
+
+
 def lm_document(scene: Scene, rng: random.Random) -> str:
     """Text the language model is pre-trained on, shaped like what stages 1 and 2 will show it.
 
-    - prose (1 in 5): a caption and a detailed description;
-    - stage-1 shape (1 in 5): the scene's patch words (grid_text), then its caption, as `plain` renders an
+    - prose (1 in 10): a caption and a detailed description;
+    - stage-1 shape (1 in 10): the scene's patch words (grid_text), then its caption, as `plain` renders an
       image and its caption;
-    - stage-2 shape (3 in 5): a vicuna_v1 conversation (half of them without the system prompt) with the
+    - facts (7 in 20): the patch words, then facts that each look one shape up (`facts`);
+    - stage-2 shape (9 in 20): a vicuna_v1 conversation (half of them without the system prompt) with the
       patch words where the image will be, then questions of every kind answered (short answers with LLaVA's
       suffixes, or sentences).
     """
     from llavacli.prompts import Turn, get_template
 
     r = rng.random()
-    if r < 0.2:
+    if r < 0.1:
         return caption(scene, rng) + " " + description(scene)
-    if r < 0.4:
+    if r < 0.2:
         return grid_text(scene) + " " + caption(scene, rng) + "\n"
+    if r < 0.55:
+        return grid_text(scene) + "\n" + facts(scene, rng)
     maker_pool = SHORT_MAKERS + CHAT_MAKERS + [qa_reasoning]
     turns = []
     for i in range(rng.randint(3, 6)):

@@ -7,8 +7,9 @@ llava-hf, `<image>` and `<pad>` are added after the SentencePiece pieces and the
 multiple of 64.
 
 The text is what the generator says about scenes (train.miniature.data.lm_document): captions and detailed
-descriptions, and vicuna_v1 conversations in which the description stands where the picture will later be, so
-the model has learnt the language, the template and how to answer from its context before it sees an image.
+descriptions, facts that look one shape up, and vicuna_v1 conversations, the last two with the scene's patch
+words where the picture will later be, so the model has learnt the language, the template and how to answer
+from its context before it sees an image. Documents are packed into rows, each in a view of its own.
 """
 
 from __future__ import annotations
@@ -111,13 +112,16 @@ class LMTraining:
     easy_steps: float = 0.3  # share of the steps that draw only on the easy (one- or two-shape) documents
 
 
-def pack(tok, documents: list[str], seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The documents (bos ... eos each) packed whole into rows of `seq` tokens, padded at the end of a row, and
-    for each token whether it belongs to a conversation (vicuna_v1 layout) rather than prose.
+def pack(tok, documents: list[str], seq: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The documents (bos ... eos each) packed whole into rows of `seq` tokens, padded at the end of a row; for
+    each token whether it belongs to a conversation (vicuna_v1 layout) rather than prose, and which document of
+    its row it is (-1: padding).
 
-    A document is never cut across rows: its questions are about its own grid, which must be in view."""
+    A document is never cut across rows (its questions are about its own grid, which must be in view), and
+    `packed_attention` keeps it from seeing the other documents of its row (their grids are distractors)."""
     rows: list[list[int]] = [[]]
     chats: list[list[bool]] = [[]]
+    docs: list[list[int]] = [[]]
     for doc in documents:
         ids = tok(doc, add_special_tokens=True)["input_ids"]
         if ids[-1] != tok.eos_token_id:
@@ -126,13 +130,27 @@ def pack(tok, documents: list[str], seq: int) -> tuple[torch.Tensor, torch.Tenso
         if len(rows[-1]) + len(ids) > seq:
             rows.append([])
             chats.append([])
+            docs.append([])
+        docs[-1].extend([docs[-1][-1] + 1 if docs[-1] else 0] * len(ids))
         rows[-1].extend(ids)
         chats[-1].extend([CHAT_MARK in doc] * len(ids))
     pad = tok.pad_token_id
     keep = [i for i, r in enumerate(rows) if r]
     ids = torch.tensor([rows[i] + [pad] * (seq - len(rows[i])) for i in keep], dtype=torch.long)
     chat = torch.tensor([chats[i] + [False] * (seq - len(chats[i])) for i in keep], dtype=torch.bool)
-    return ids, chat
+    doc = torch.tensor([docs[i] + [-1] * (seq - len(docs[i])) for i in keep], dtype=torch.long)
+    return ids, chat, doc
+
+
+def packed_attention(doc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention mask (batch, 1, seq, seq) and position ids that make each packed document its own sequence,
+    starting at position 0 as a prompt does at inference."""
+    n = doc.shape[1]
+    mask = (doc[:, :, None] == doc[:, None, :]) & torch.ones(n, n, dtype=torch.bool).tril()
+    starts = torch.cat([torch.ones_like(doc[:, :1], dtype=torch.bool), doc[:, 1:] != doc[:, :-1]], 1)
+    index = torch.arange(n).expand_as(doc)
+    first = torch.where(starts, index, 0).cummax(1).values
+    return mask[:, None], index - first
 
 
 CHAT_MARK = "ASSISTANT:"
@@ -169,16 +187,16 @@ class ComposedEmbedding:
     The k-th patch word of a grid, say "largeredstar" in the top left cell, enters as
 
         e(large) + e(red) + e(star) + e(top) + e(left)      what is in this cell, and where
-      + sum over the grid's shapes of s(shape's word)        what the whole scene holds
 
-    (an empty cell: e(empty) + its place's words + the same scene sum). The first line shares its directions
-    with the words a question uses ("the star", "the top left corner"); the second, made of the patch words'
-    own embedding rows (learnt, and used for nothing else), tells every token of the grid the whole scene, so
-    "what colour is the star?" can be read off any of them instead of being looked up among them: a tiny
-    model learns the first in a few hundred steps, the lookup in thousands. The vision tower's patch features
-    carry the same two things (vision.py: each patch's own shape, and the scene's table in every patch), which
-    the projector learns to map onto these sums in stage 1. Pre-training only: the saved model is an ordinary
-    LLaMA, and patch words never reach it again.
+    (an empty cell: e(empty) + its place's words), in the directions of the words a question uses ("the
+    star", "the top left corner"), so a question finds its shape by attending to the patch that shares
+    them. The vision tower's patch features carry the same (vision.py), and the projector learns to map them
+    onto these sums in stage 1. Pre-training only: the saved model is an ordinary LLaMA, and patch words never
+    reach it again.
+
+    (An earlier recipe also added the sum of the whole scene's words to every patch, so a question could read
+    its answer off any patch. The model then learnt which colours and kinds a picture holds but not which
+    goes with which: with two shapes, "what colour is the star?" got either colour.)
     """
 
     def __init__(self, model, parts: dict[int, list[int]], empty: int, place_words: list[list[int]]):
@@ -200,17 +218,9 @@ class ComposedEmbedding:
         is_grid = torch.isin(input_ids, self.grid_ids)
         if not bool(is_grid.any()):
             return out
-        n = len(self.place_words)
-        order = is_grid.long().cumsum(1) - 1  # grids are whole runs of n tokens
-        k = order % n
+        k = (is_grid.long().cumsum(1) - 1) % len(self.place_words)  # grids are whole runs of n tokens
         places = torch.stack([w[ids].sum(0) if ids else w.new_zeros(w.shape[1]) for ids in self.place_words])  # (n, H)
-        # the scene sum: each grid's shapes' own rows, added up per grid and given to each of its tokens
-        run = torch.where(is_grid, order // n, 0)  # which grid of its row a token belongs to
-        shape_rows = nn.functional.embedding(input_ids, w) * (is_grid & (input_ids != self.empty)).unsqueeze(-1)
-        sums = torch.zeros(input_ids.shape[0], int(run.max()) + 1, w.shape[1], dtype=w.dtype)
-        sums = sums.scatter_add(1, run.unsqueeze(-1).expand(-1, -1, w.shape[1]), shape_rows)
-        scene = sums.gather(1, run.unsqueeze(-1).expand(-1, -1, w.shape[1]))
-        return out + (places[k] + scene) * is_grid.unsqueeze(-1)
+        return out + places[k] * is_grid.unsqueeze(-1)
 
 
 def place_word_ids(tok) -> list[list[int]]:
@@ -269,10 +279,11 @@ def pretrain_lm(
     composed = composed_embedding(model, tok)
     assistant = tok("ASSISTANT", add_special_tokens=False).input_ids
     assert len(assistant) == 1, "the tokenizer must read ASSISTANT as one token"
-    easy_rows, easy_chat = pack(tok, documents[:easy], cfg.seq) if easy else (torch.empty(0, cfg.seq, dtype=torch.long), torch.empty(0, cfg.seq, dtype=torch.bool))
-    rest_rows, rest_chat = pack(tok, documents[easy:], cfg.seq)
-    rows, chat = torch.cat([easy_rows, rest_rows]), torch.cat([easy_chat, rest_chat])
-    held, held_chat = pack(tok, heldout, cfg.seq)
+    empty = (torch.empty(0, cfg.seq, dtype=torch.long), torch.empty(0, cfg.seq, dtype=torch.bool), torch.empty(0, cfg.seq, dtype=torch.long))
+    easy_rows, easy_chat, easy_doc = pack(tok, documents[:easy], cfg.seq) if easy else empty
+    rest_rows, rest_chat, rest_doc = pack(tok, documents[easy:], cfg.seq)
+    rows, chat, doc = torch.cat([easy_rows, rest_rows]), torch.cat([easy_chat, rest_chat]), torch.cat([easy_doc, rest_doc])
+    held, held_chat, held_doc = pack(tok, heldout, cfg.seq)
     log(f"language model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(rows)} rows of {cfg.seq} tokens")
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
@@ -280,10 +291,12 @@ def pretrain_lm(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98)
     )
 
-    def loss_of(batch: torch.Tensor, is_chat: torch.Tensor) -> torch.Tensor:
+    def loss_of(batch: torch.Tensor, is_chat: torch.Tensor, doc: torch.Tensor) -> torch.Tensor:
         supervised = torch.where(is_chat, answer_mask(batch, assistant[0], tok.eos_token_id), True)
         supervised &= ~input_only(batch, composed, tok.pad_token_id)
-        return model(inputs_embeds=composed(batch), labels=batch.masked_fill(~supervised, -100)).loss
+        mask, positions = packed_attention(doc)
+        labels = batch.masked_fill(~supervised, -100)
+        return model(inputs_embeds=composed(batch), attention_mask=mask, position_ids=positions, labels=labels).loss
 
     gen = torch.Generator().manual_seed(seed)
     n_easy = len(easy_rows)
@@ -294,7 +307,7 @@ def pretrain_lm(
         idx = torch.randint(0, pool, (cfg.batch,), generator=gen)
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup)
-        loss = loss_of(rows[idx], chat[idx])
+        loss = loss_of(rows[idx], chat[idx], doc[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -304,7 +317,7 @@ def pretrain_lm(
             log(f"language step {step + 1}/{cfg.steps} loss {sum(curve[-25:]) / len(curve[-25:]):.4f} ({time.time() - start:.0f}s)")
     model.eval()
     with torch.no_grad():
-        parts = [loss_of(held[i : i + 16], held_chat[i : i + 16]) for i in range(0, len(held), 16)]
+        parts = [loss_of(held[i : i + 16], held_chat[i : i + 16], held_doc[i : i + 16]) for i in range(0, len(held), 16)]
         held_loss = float(sum(parts) / max(1, len(parts)))
     log(f"language held-out loss {held_loss:.4f}")
     model.save_pretrained(out_dir)

@@ -13,8 +13,8 @@ allow), the tower learns from what the generator knows about every picture, read
 - per patch, from the penultimate layer (the features LLaVA uses): the colour, kind and size of the shape in
   the patch's cell (or none), and which cell it is. These are exactly the patch words that the language
   model read in pre-training (data.grid_text), so the projector has an easy job;
-- per patch too: which patch words the whole scene holds (multi-hot), the scene table that the language
-  model's pre-training adds to every grid token (language.ComposedEmbedding);
+- per patch too: which patch words the whole scene holds (multi-hot), so each patch's features are
+  shaped by the whole picture as well (what counts and comparisons draw on);
 - per picture, from the mean of those patch states and from the final layer's pooled CLS: how many shapes
   there are, and how many of each colour and each kind.
 
