@@ -203,7 +203,6 @@ class ComposedEmbedding:
         self.embed = model.get_input_embeddings()
         self.words = torch.tensor(sorted(parts))
         self.parts = torch.tensor([parts[w] for w in sorted(parts)])
-        self.empty = empty
         self.grid_ids = torch.cat([self.words, torch.tensor([empty])])
         self.place_words = place_words  # per patch (row-major), the token ids of its cell's place words
 
