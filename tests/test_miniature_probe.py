@@ -1,0 +1,57 @@
+"""The lookup probe (`python -m train.miniature.probe`): its rows supervise exactly the answers, and a short run
+trains and scores both kinds of question."""
+
+from __future__ import annotations
+
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from train.miniature import data as D
+from train.miniature import probe as P
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return P.Rows(P.make_tokenizer(None, seed=0), seq=P.Probe.seq)
+
+
+def test_a_question_row_supervises_its_answer_and_the_end_of_turn(rows):
+    rng = random.Random(1)
+    for k in range(20):
+        scene = D.make_scene(rng, "t")
+        maker = (D.qa_color, D.qa_shape)[k % 2]
+        prompt, answer = rows.question(scene, random.Random(k), maker)
+        qa = maker(scene, random.Random(k))
+        text = rows.tok.decode(prompt, skip_special_tokens=True)
+        assert text.startswith("USER: " + D.grid_text(scene) + "\n") and text.rstrip().endswith(qa.question.split("\n")[0] + "\n" + D.SHORT_ANSWER + " ASSISTANT:"), text
+        assert answer[-1] == rows.tok.eos_token_id
+        assert rows.tok.decode(answer[:-1]).strip() == qa.short
+
+
+def test_a_facts_row_supervises_the_facts_and_not_the_patch_words(rows):
+    scene = D.make_scene(random.Random(2), "t", n=3)
+    prompt, answer = rows.facts(scene, random.Random(3))
+    assert rows.tok.decode(prompt, skip_special_tokens=True).strip() == D.grid_text(scene)
+    assert rows.tok.decode(answer[:-1]).strip() == D.facts(scene, random.Random(3))
+    ids, labels = rows.batch([(prompt, answer)])
+    kept = labels[0][labels[0] != -100].tolist()
+    assert kept == (prompt + answer)[len(prompt) : P.Probe.seq]
+
+
+def test_a_short_run_trains_and_scores_both_kinds():
+    run = subprocess.run(
+        [sys.executable, "-m", "train.miniature.probe", "--steps", "40", "--every", "20", "--batch", "16", "--held-out", "25"],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    reports = re.findall(r"^step (\d+) loss ([\d.]+) \| colour (\d+)% \(by shapes ([^)]*)\) \| shape (\d+)%", run.stdout, re.M)
+    assert [int(r[0]) for r in reports] == [20, 40], run.stdout
+    assert float(reports[1][1]) < float(reports[0][1]) * 0.8, reports
+    assert [part.split(":")[0] for part in reports[1][3].split()] == ["1", "2", "3", "4", "5"]

@@ -1,0 +1,182 @@
+"""A text-only probe of the lookup the demo's language model has to learn: find a shape by one property, say
+another ("What color is the star?" finds by kind, "What shape is the red object?" by colour).
+
+    python -m train.miniature.probe --ask colour --steps 600
+
+A fresh LLaMA of the miniature's shape reads each scene as its patch words, composed as in pre-training
+(language.ComposedEmbedding), followed either by facts about the scene (data.facts) or by one short question
+answered. Every --every steps it answers held-out colour and shape questions; the first answer token is
+scored, split by how many shapes the scene holds. One scene per row and no picture: a few minutes for what a
+full recipe run (about 27) shows of the language model's lookups.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import LlamaForCausalLM
+
+from llavacli.prompts import Turn, get_template
+from train.miniature import data as D
+from train.miniature import language as L
+
+ASKS = {"colour": (D.qa_color,), "shape": (D.qa_shape,), "both": (D.qa_color, D.qa_shape)}
+HELD_OUT = (("colour", D.qa_color), ("shape", D.qa_shape))
+TOKENIZER_DOCUMENTS = 2000  # enough for every patch word to be one piece
+
+
+@dataclass(frozen=True)
+class Probe:
+    ask: str = "both"  # which questions the rows ask (ASKS)
+    facts: float = 0.5  # share of the rows that are facts instead of a question
+    steps: int = 600
+    batch: int = 64
+    seq: int = 64
+    lr: float = 2e-3
+    every: int = 150
+    held_out: int = 150  # questions per kind
+    shape: L.LMShape = L.LMShape()
+    seed: int = 0
+
+
+def make_tokenizer(directory: Path | None, seed: int):
+    """The tokenizer of a recipe's language model (directory), or one trained here on generated text."""
+    if directory is None:
+        directory = Path(tempfile.mkdtemp(prefix="probe-tokenizer-"))
+        rng = random.Random(f"probe/{seed}/tokenizer")
+        documents = [D.lm_document(D.make_scene(rng, "t"), rng) for _ in range(TOKENIZER_DOCUMENTS)]
+        L.train_tokenizer(directory, documents, L.LMShape().vocab, seed)
+    return L.hf_tokenizer(directory)
+
+
+class Rows:
+    """Token rows of one scene each: the patch words, then facts or a question; targets on what follows them."""
+
+    def __init__(self, tok, seq: int):
+        self.tok, self.seq, self.template = tok, seq, get_template("vicuna_v1")
+
+    def question(self, scene: D.Scene, rng: random.Random, maker) -> tuple[list[int], list[int]]:
+        qa = maker(scene, rng)
+        prompt = self.template.render([Turn(D.grid_text(scene) + "\n" + D.short_prompt(qa), 0)])
+        prompt = prompt[len(self.template.opening()) :]  # no system prompt: the same every time
+        return self.split(prompt, " " + qa.short)
+
+    def facts(self, scene: D.Scene, rng: random.Random) -> tuple[list[int], list[int]]:
+        return self.split(D.grid_text(scene) + "\n", D.facts(scene, rng))
+
+    def split(self, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+        ids = self.tok(prompt + answer).input_ids + [self.tok.eos_token_id]
+        head = self.tok(prompt).input_ids
+        if ids[: len(head)] != head:
+            raise RuntimeError(f"the answer changes how the prompt tokenizes: {prompt[-40:]!r} + {answer[:20]!r}")
+        return head, ids[len(head) :]
+
+    def batch(self, pairs: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.full((len(pairs), self.seq), self.tok.pad_token_id)
+        labels = torch.full((len(pairs), self.seq), -100)
+        for i, (prompt, answer) in enumerate(pairs):
+            row = (prompt + answer)[: self.seq]
+            ids[i, : len(row)] = torch.tensor(row)
+            labels[i, len(prompt) : len(row)] = torch.tensor(row[len(prompt) :])
+        return ids, labels
+
+
+def run(probe: Probe, tok, log=print) -> list[dict]:
+    """Train, scoring the held-out questions every probe.every steps; one report per scoring."""
+    torch.manual_seed(probe.seed)
+    model = LlamaForCausalLM(L.lm_config(probe.shape, tok))
+    composed = L.composed_embedding(model, tok)
+    rows = Rows(tok, probe.seq)
+    rng, held_rng = random.Random(f"probe/{probe.seed}/train"), random.Random(f"probe/{probe.seed}/held-out")
+    held = []  # (kind, shapes in the scene, prompt ids, first answer token)
+    for kind, maker in HELD_OUT:
+        for _ in range(probe.held_out):
+            scene = D.make_scene(held_rng, "h")
+            prompt, answer = rows.question(scene, held_rng, maker)
+            held.append((kind, len(scene.shapes), prompt, answer[0]))
+
+    @torch.no_grad()
+    def score() -> dict:
+        model.eval()
+        hits = defaultdict(list)
+        for start in range(0, len(held), 50):
+            chunk = held[start : start + 50]
+            ids = torch.full((len(chunk), max(len(p) for _, _, p, _ in chunk)), tok.pad_token_id)
+            for i, (_, _, prompt, _) in enumerate(chunk):
+                ids[i, : len(prompt)] = torch.tensor(prompt)
+            logits = model(inputs_embeds=composed(ids)).logits
+            for i, (kind, n, prompt, first) in enumerate(chunk):
+                right = int(logits[i, len(prompt) - 1].argmax()) == first
+                hits[kind].append(right)
+                hits[f"{kind}/{n}"].append(right)
+        model.train()
+        return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
+
+    opt = torch.optim.AdamW(model.parameters(), lr=probe.lr, betas=(0.9, 0.98), weight_decay=0.0)
+    makers, reports, losses, start = ASKS[probe.ask], [], [], time.time()
+    model.train()
+    for step in range(probe.steps):
+        pairs = []
+        for _ in range(probe.batch):
+            scene = D.make_scene(rng, "t")
+            facts = rng.random() < probe.facts
+            pairs.append(rows.facts(scene, rng) if facts else rows.question(scene, rng, rng.choice(makers)))
+        ids, labels = rows.batch(pairs)
+        for group in opt.param_groups:
+            group["lr"] = L.cosine_lr(step, probe.steps, probe.lr, 0.03)
+        loss = model(inputs_embeds=composed(ids), labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if (step + 1) % probe.every == 0 or step + 1 == probe.steps:
+            recent = losses[-probe.every :]
+            report = {"step": step + 1, "loss": sum(recent) / len(recent), "seconds": round(time.time() - start), **score()}
+            reports.append(report)
+            log(describe(report))
+    return reports
+
+
+def describe(report: dict) -> str:
+    kinds = []
+    for kind, _ in HELD_OUT:
+        split = " ".join(f"{k.split('/')[1]}:{v:.0%}" for k, v in report.items() if k.startswith(kind + "/"))
+        kinds.append(f"{kind} {report[kind]:.0%} (by shapes {split})")
+    return f"step {report['step']} loss {report['loss']:.3f} | " + " | ".join(kinds) + f" | {report['seconds']}s"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.miniature.probe", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ask", choices=sorted(ASKS), default="both", help="which questions the training rows ask")
+    parser.add_argument("--facts", type=float, default=0.5, help="share of the rows that are facts (data.facts)")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--every", type=int, default=150, help="score the held-out questions every this many steps")
+    parser.add_argument("--held-out", type=int, default=150, help="held-out questions per kind")
+    parser.add_argument("--layers", type=int, default=L.LMShape.layers)
+    parser.add_argument("--heads", type=int, default=L.LMShape.heads)
+    parser.add_argument("--hidden", type=int, default=L.LMShape.hidden)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer", type=Path, help="a recipe's language model directory (DIR/lm) to take the tokenizer from")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    shape = L.LMShape(hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.heads)
+    probe = Probe(args.ask, args.facts, args.steps, args.batch, lr=args.lr, every=args.every, held_out=args.held_out,
+                  shape=shape, seed=args.seed)
+    run(probe, make_tokenizer(args.tokenizer, args.seed), log=lambda line: print(line, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
