@@ -127,8 +127,8 @@ def run(probe: Probe, tok, log=print) -> list[dict]:
         pairs = []
         for _ in range(probe.batch):
             scene = D.make_scene(rng, "t")
-            facts = rng.random() < probe.facts
-            pairs.append(rows.facts(scene, rng) if facts else rows.question(scene, rng, rng.choice(makers)))
+            as_facts = rng.random() < probe.facts
+            pairs.append(rows.facts(scene, rng) if as_facts else rows.question(scene, rng, rng.choice(makers)))
         ids, labels = rows.batch(pairs)
         for group in opt.param_groups:
             group["lr"] = L.cosine_lr(step, probe.steps, probe.lr, 0.03)
@@ -172,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     shape = L.LMShape(hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.heads)
-    probe = Probe(args.ask, args.facts, args.steps, args.batch, lr=args.lr, every=args.every, held_out=args.held_out,
-                  shape=shape, seed=args.seed)
+    probe = Probe(ask=args.ask, facts=args.facts, steps=args.steps, batch=args.batch, lr=args.lr, every=args.every,
+                  held_out=args.held_out, shape=shape, seed=args.seed)
     run(probe, make_tokenizer(args.tokenizer, args.seed), log=lambda line: print(line, flush=True))
     return 0
 
