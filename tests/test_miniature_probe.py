@@ -30,7 +30,7 @@ def test_a_question_row_supervises_its_answer_and_the_end_of_turn(rows):
         prompt, answer = rows.question(scene, random.Random(k), maker)
         qa = maker(scene, random.Random(k))
         text = rows.tok.decode(prompt, skip_special_tokens=True)
-        assert text.startswith("USER: " + D.grid_text(scene) + "\n") and text.rstrip().endswith(qa.question.split("\n")[0] + "\n" + D.SHORT_ANSWER + " ASSISTANT:"), text
+        assert text == f"USER: {D.grid_text(scene)}\n{D.short_prompt(qa)} ASSISTANT:", text
         assert answer[-1] == rows.tok.eos_token_id
         assert rows.tok.decode(answer[:-1]).strip() == qa.short
 

@@ -49,12 +49,13 @@ class Probe:
 
 def make_tokenizer(directory: Path | None, seed: int):
     """The tokenizer of a recipe's language model (directory), or one trained here on generated text."""
-    if directory is None:
-        directory = Path(tempfile.mkdtemp(prefix="probe-tokenizer-"))
-        rng = random.Random(f"probe/{seed}/tokenizer")
-        documents = [D.lm_document(D.make_scene(rng, "t"), rng) for _ in range(TOKENIZER_DOCUMENTS)]
-        L.train_tokenizer(directory, documents, L.LMShape().vocab, seed)
-    return L.hf_tokenizer(directory)
+    if directory is not None:
+        return L.hf_tokenizer(directory)
+    rng = random.Random(f"probe/{seed}/tokenizer")
+    documents = [D.lm_document(D.make_scene(rng, "t"), rng) for _ in range(TOKENIZER_DOCUMENTS)]
+    with tempfile.TemporaryDirectory(prefix="probe-tokenizer-") as scratch:  # the tokenizer is kept in memory
+        L.train_tokenizer(Path(scratch), documents, L.LMShape().vocab, seed)
+        return L.hf_tokenizer(Path(scratch))
 
 
 class Rows:
