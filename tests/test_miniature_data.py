@@ -123,9 +123,18 @@ def test_answers_are_true_of_the_scene(seed):
 def test_facts_are_true_of_the_scene(seed):
     scene = _scene(seed)
     sentences = D.facts(scene, random.Random(seed)).split(". ")
-    assert len(sentences) == sum(min(2, 1 + 2 * (scene.count(kind=s.kind) == 1) + 2 * (scene.count(color=s.color) == 1)
-                                     + (scene.count(kind=s.kind, color=s.color) == 1)) for s in scene.shapes)
-    for sentence in sentences:
+    unique_kind = [s for s in scene.shapes if scene.count(kind=s.kind) == 1]
+    sampled = sum(min(2, 1 + 2 * (scene.count(kind=s.kind) == 1) + 2 * (scene.count(color=s.color) == 1)
+                      + (scene.count(kind=s.kind, color=s.color) == 1)) for s in scene.shapes)
+    assert len(sentences) == sampled + len(unique_kind) + 1  # + "The star red is ..." each, + one existence question
+    questions = [x for x in sentences if "?" in x]
+    assert len(questions) == 1
+    question, answer = questions[0].rstrip(".").split("? ")
+    color, kind = next((c, k) for c in D.COLORS for k in D.SHAPES if f" {c} {k}" in question)
+    assert answer == ("Yes" if scene.count(color=color, kind=kind) else "No"), questions[0]
+    kind_first = [x for x in sentences if any(x.startswith(f"The {s.kind} {s.color} is {D.WHERE[s.cell]}") for s in unique_kind)]
+    assert len(kind_first) == len(unique_kind)
+    for sentence in set(sentences) - set(questions) - set(kind_first):
         sentence = sentence.rstrip(".")
         named = [s for s in scene.shapes if sentence.startswith((f"The color of the {s.kind} is", f"The {s.kind} is", f"The {s.color} shape is",
                                                                     f"The {s.color} {s.kind} is", f"The shape {D.WHERE[s.cell]} is"))]

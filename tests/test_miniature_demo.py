@@ -14,10 +14,11 @@ from conftest import run_llava
 from llavacli.models import DEMO_DIR
 from train.miniature import data as D
 
-# The targets are 0.95 / 0.95 / 0.80. The shipped model measures 0.63 / 0.94 / 0.86 on the recipe's
-# first 100 questions per kind (README, "The demo model"); these floors hold it there, ten points under, so a
-# model that answers at chance (about 0.2 for colour and shape) or a broken runtime fails.
-FLOORS = {D.KIND_COLOR: 0.53, D.KIND_SHAPE: 0.84, D.KIND_COUNT: 0.76}
+# The targets are 0.95 / 0.95 / 0.80 for colour, shape and count. The shipped model measures 0.92 /
+# 0.95 / 0.88, and 0.98 on yes/no, on the recipe's first 100 questions per kind (README, "The demo model");
+# these floors hold it there, ten points under, so a model that answers at chance (about 0.2 for colour and
+# shape, 0.64 for yes/no by always saying no) or a broken runtime fails.
+FLOORS = {D.KIND_COLOR: 0.82, D.KIND_SHAPE: 0.85, D.KIND_COUNT: 0.78, D.KIND_YESNO: 0.88}
 PER_KIND = 60
 
 pytestmark = pytest.mark.skipif(
@@ -40,5 +41,5 @@ def test_demo_answers_held_out_questions_well_above_chance(summary):
     for kind, floor in FLOORS.items():
         assert summary["kinds"][kind]["n"] == PER_KIND
         assert accuracy[kind] >= floor, (kind, accuracy)
-        assert accuracy[kind] >= summary["chance"][kind]["majority"] + 0.3, (kind, accuracy, summary["chance"][kind])
+        assert accuracy[kind] >= summary["chance"][kind]["majority"] + 0.2, (kind, accuracy, summary["chance"][kind])
 

@@ -556,7 +556,15 @@ def facts(scene: Scene, rng: random.Random) -> str:
 
     After the patch words every fact is a lookup (find the patch with this kind, read its colour), the one
     a colour or shape question needs, but with the name one token before the answer instead of a dozen; the
-    language model learns the lookup from these first, then uses it for questions."""
+    language model learns the lookup from these first, then uses it for questions.
+
+    A lookup is learnt where the word that finds the shape is followed at once by what it finds. English
+    always says "red star", which teaches the lookup by colour; so each shape whose kind is unique also gets
+    "The star red is in the top left corner.", and each scene one existence question answered at once
+    ("Is there a red cross? No."). Without the first, "What color is the star?" stayed near the rate of
+    naming any colour on the grid (`python -m train.miniature.probe --ask both --threads 1`, step 450:
+    colour 46% -> 92%, shape 93% -> 95%); with it but without the second, the full recipe's yes/no fell
+    from 93% to 79% (it said yes to a red star where a red circle and a blue star were)."""
     sentences = []
     for s in rng.sample(scene.shapes, len(scene.shapes)):
         options = [f"The shape {WHERE[s.cell]} is {_noun_phrase(s)}."]
@@ -567,6 +575,10 @@ def facts(scene: Scene, rng: random.Random) -> str:
         if scene.count(kind=s.kind, color=s.color) == 1:
             options.append(f"The {s.color} {s.kind} is {WHERE[s.cell]}.")
         sentences += rng.sample(options, min(2, len(options)))
+        if scene.count(kind=s.kind) == 1:
+            sentences.append(f"The {s.kind} {s.color} is {WHERE[s.cell]}.")
+    exists = qa_exists(scene, rng)
+    sentences.append(f"{exists.question} {_cap(exists.short)}.")
     return " ".join(rng.sample(sentences, len(sentences)))
 
 

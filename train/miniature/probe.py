@@ -5,9 +5,9 @@ another ("What color is the star?" finds by kind, "What shape is the red object?
 
 A fresh LLaMA of the miniature's shape reads each scene as its patch words, composed as in pre-training
 (language.ComposedEmbedding), followed either by facts about the scene (data.facts) or by one short question
-answered. Every --every steps it answers held-out colour and shape questions; the first answer token is
-scored, split by how many shapes the scene holds. One scene per row and no picture: a few minutes for what a
-full recipe run (about 27) shows of the language model's lookups.
+answered. Every --every steps it answers held-out colour, shape and yes/no questions ("Is there a red
+star?"); the first answer token is scored, split by how many shapes the scene holds. One scene per row and
+no picture: a few minutes for what a full recipe run (about 21) shows of the language model's lookups.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from llavacli.prompts import Turn, get_template
 from train.miniature import data as D
 from train.miniature import language as L
 
-ASKS = {"colour": (D.qa_color,), "shape": (D.qa_shape,), "both": (D.qa_color, D.qa_shape)}
-HELD_OUT = (("colour", D.qa_color), ("shape", D.qa_shape))
+ASKS = {"colour": (D.qa_color,), "shape": (D.qa_shape,), "exists": (D.qa_exists,), "both": (D.qa_color, D.qa_shape),
+        "all": (D.qa_color, D.qa_shape, D.qa_exists)}
+HELD_OUT = (("colour", D.qa_color), ("shape", D.qa_shape), ("yes/no", D.qa_exists))
 TOKENIZER_DOCUMENTS = 2000  # enough for every patch word to be one piece
 
 
@@ -150,7 +151,7 @@ def run(probe: Probe, tok, log=print) -> list[dict]:
 def describe(report: dict) -> str:
     kinds = []
     for kind, _ in HELD_OUT:
-        split = " ".join(f"{k.split('/')[1]}:{v:.0%}" for k, v in report.items() if k.startswith(kind + "/"))
+        split = " ".join(f"{k.rsplit('/', 1)[1]}:{v:.0%}" for k, v in report.items() if k.startswith(kind + "/"))
         kinds.append(f"{kind} {report[kind]:.0%} (by shapes {split})")
     return f"step {report['step']} loss {report['loss']:.3f} | " + " | ".join(kinds) + f" | {report['seconds']}s"
 
