@@ -564,7 +564,7 @@ def facts(scene: Scene, rng: random.Random) -> str:
     ("Is there a red cross? No."). Without the first, "What color is the star?" stayed near the rate of
     naming any colour on the grid (`python -m train.miniature.probe --ask both --threads 1`, step 450:
     colour 46% -> 92%, shape 93% -> 95%); with it but without the second, the full recipe's yes/no fell
-    from 93% to 79% (it said yes to a red star where a red circle and a blue star were)."""
+    from 93% to 79% (every miss a yes to a colour and kind not together in the picture)."""
     sentences = []
     for s in rng.sample(scene.shapes, len(scene.shapes)):
         options = [f"The shape {WHERE[s.cell]} is {_noun_phrase(s)}."]
