@@ -126,12 +126,14 @@ def test_facts_are_true_of_the_scene(seed):
     unique_kind = [s for s in scene.shapes if scene.count(kind=s.kind) == 1]
     sampled = sum(min(2, 1 + 2 * (scene.count(kind=s.kind) == 1) + 2 * (scene.count(color=s.color) == 1)
                       + (scene.count(kind=s.kind, color=s.color) == 1)) for s in scene.shapes)
-    assert len(sentences) == sampled + len(unique_kind) + 1  # + "The star red is ..." each, + one existence question
+    assert len(sentences) == sampled + len(unique_kind) + 2  # + "The star red is ..." each, + two questions
     questions = [x for x in sentences if "?" in x]
-    assert len(questions) == 1
-    question, answer = questions[0].rstrip(".").split("? ")
-    color, kind = next((c, k) for c in D.COLORS for k in D.SHAPES if f" {c} {k}" in question)
-    assert answer == ("Yes" if scene.count(color=color, kind=kind) else "No"), questions[0]
+    assert len(questions) == 2
+    (exists, yes_no), (colour, said) = sorted((x.rstrip(".").split("? ") for x in questions), key=lambda qa: "color" in qa[0])
+    color, kind = next((c, k) for c in D.COLORS for k in D.SHAPES if f" {c} {k}" in exists)
+    assert yes_no == ("Yes" if scene.count(color=color, kind=kind) else "No"), questions
+    target = [s for s in scene.shapes if colour.endswith((f"the {s.kind}", f"the {s.kind} have", D.WHERE[s.cell], f"{D.WHERE[s.cell]} have"))]
+    assert len(target) == 1 and said == target[0].color.capitalize(), questions
     kind_first = [x for x in sentences if any(x.startswith(f"The {s.kind} {s.color} is {D.WHERE[s.cell]}") for s in unique_kind)]
     assert len(kind_first) == len(unique_kind)
     for sentence in set(sentences) - set(questions) - set(kind_first):

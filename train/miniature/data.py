@@ -560,11 +560,13 @@ def facts(scene: Scene, rng: random.Random) -> str:
 
     A lookup is learnt where the word that finds the shape is followed at once by what it finds. English
     always says "red star", which teaches the lookup by colour; so each shape whose kind is unique also gets
-    "The star red is in the top left corner.", and each scene one existence question answered at once
-    ("Is there a red cross? No."). Without the first, "What color is the star?" stayed near the rate of
-    naming any colour on the grid (`python -m train.miniature.probe --ask both --threads 1`, step 450:
-    colour 46% -> 92%, shape 93% -> 95%); with it but without the second, the full recipe's yes/no fell
-    from 93% to 79% (every miss a yes to a colour and kind not together in the picture)."""
+    "The star red is in the top left corner.", and each scene an existence question and a colour question,
+    each answered at once ("Is there a red cross? No. What color is the star? Red."). Without the first,
+    "What color is the star?" stayed near the rate of naming any colour on the grid (`python -m
+    train.miniature.probe --ask both --threads 1`, step 450: colour 46% -> 92%, shape 93% -> 95%); with it
+    but without the questions, the full recipe's yes/no fell from 93% to 79% (every miss a yes to a colour
+    and kind not together in the picture). The colour question took the full recipe's colour from 92% to
+    94% and multiple choice from 18% to 60%, yes/no from 98% to 94%."""
     sentences = []
     for s in rng.sample(scene.shapes, len(scene.shapes)):
         options = [f"The shape {WHERE[s.cell]} is {_noun_phrase(s)}."]
@@ -577,8 +579,8 @@ def facts(scene: Scene, rng: random.Random) -> str:
         sentences += rng.sample(options, min(2, len(options)))
         if scene.count(kind=s.kind) == 1:
             sentences.append(f"The {s.kind} {s.color} is {WHERE[s.cell]}.")
-    exists = qa_exists(scene, rng)
-    sentences.append(f"{exists.question} {_cap(exists.short)}.")
+    for qa in (qa_exists(scene, rng), qa_color(scene, rng)):
+        sentences.append(f"{qa.question} {_cap(qa.short)}.")
     return " ".join(rng.sample(sentences, len(sentences)))
 
 
