@@ -565,8 +565,8 @@ def facts(scene: Scene, rng: random.Random) -> str:
     "What color is the star?" stayed near the rate of naming any colour on the grid (`python -m
     train.miniature.probe --ask both --threads 1`, step 450: colour 46% -> 92%, shape 93% -> 95%); with it
     but without the questions, the full recipe's yes/no fell from 93% to 79% (every miss a yes to a colour
-    and kind not together in the picture). The colour question took the full recipe's colour from 92% to
-    94% and multiple choice from 18% to 60%, yes/no from 98% to 94%."""
+    and kind not together in the picture). The colour question then took the full recipe's colour from 92%
+    to 94% and multiple choice from 18% to 60%, for 4 points of yes/no (98% -> 94%)."""
     sentences = []
     for s in rng.sample(scene.shapes, len(scene.shapes)):
         options = [f"The shape {WHERE[s.cell]} is {_noun_phrase(s)}."]
@@ -590,7 +590,8 @@ def lm_document(scene: Scene, rng: random.Random) -> str:
     - prose (1 in 10): a caption and a detailed description;
     - stage-1 shape (1 in 10): the scene's patch words (grid_text), then its caption, as `plain` renders an
       image and its caption;
-    - facts (7 in 20): the patch words, then facts that each look one shape up (`facts`);
+    - facts (7 in 20): the patch words, then facts that each look one shape up, and two questions answered
+      at once (`facts`);
     - stage-2 shape (9 in 20): a vicuna_v1 conversation (half of them without the system prompt) with the
       patch words where the image will be, then questions of every kind answered (short answers with LLaVA's
       suffixes, or sentences).
