@@ -51,7 +51,9 @@ def test_a_short_run_trains_and_scores_both_kinds():
         capture_output=True, text=True, timeout=600, cwd=REPO,
     )
     assert run.returncode == 0, run.stderr[-2000:]
-    reports = re.findall(r"^step (\d+) loss ([\d.]+) \| colour (\d+)% \(by shapes ([^)]*)\) \| shape (\d+)%", run.stdout, re.M)
+    reports = re.findall(r"^step (\d+) loss ([\d.]+) \| colour (\d+)% \(by shapes ([^)]*)\) \| shape (\d+)%.*"
+                         r"\| yes/no (\d+)% \(by shapes ([^)]*)\)", run.stdout, re.M)
     assert [int(r[0]) for r in reports] == [20, 40], run.stdout
     assert float(reports[1][1]) < float(reports[0][1]) * 0.8, reports
-    assert [part.split(":")[0] for part in reports[1][3].split()] == ["1", "2", "3", "4", "5"]
+    for split in (reports[1][3], reports[1][6]):  # colour's and yes/no's, the latter a kind with "/" in its name
+        assert [part.split(":")[0] for part in split.split()] == ["1", "2", "3", "4", "5"], split
