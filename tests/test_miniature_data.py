@@ -119,6 +119,18 @@ def test_answers_are_true_of_the_scene(seed):
         assert m.choices[D.LETTERS.index(m.short)] in (*D.COLORS, *D.SHAPES)
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_questions_by_place_name_the_shape_by_its_cell(seed):
+    """The probe's held-out kinds "colour by place" and "shape by place": never by kind or colour, always true."""
+    scene, rng = _scene(seed), random.Random(seed)
+    for _ in range(10):
+        for maker, answer_of in ((D.qa_color, lambda s: s.color), (D.qa_shape, lambda s: s.kind)):
+            qa = maker(scene, rng, by_place=True)
+            named = [s for s in scene.shapes if qa.question.rstrip("?").removesuffix(" have").endswith(D.WHERE[s.cell])]
+            assert len(named) == 1 and qa.short == answer_of(named[0]), (qa.question, scene.shapes)
+            assert not any(f"the {s.kind}" in qa.question or f"the {s.color}" in qa.question for s in scene.shapes), qa.question
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_facts_are_true_of_the_scene(seed):
     scene = _scene(seed)

@@ -363,22 +363,28 @@ class QA:
 PLACE_REF = 0.1  # how often a colour or shape question names its shape by place even when it could by kind/colour
 
 
-def qa_color(scene: Scene, rng: random.Random, s: Shape | None = None) -> QA:
-    """"What color is the star?": the shape named by its kind where that is unique in the scene, else by place."""
-    if s is None:
+def qa_color(scene: Scene, rng: random.Random, s: Shape | None = None, by_place: bool = False) -> QA:
+    """"What color is the star?": the shape named by its kind where that is unique in the scene, else by place
+    (always by place with by_place)."""
+    if by_place:
+        s = s or rng.choice(scene.shapes)
+    elif s is None:
         named = [x for x in scene.shapes if scene.count(kind=x.kind) == 1]
         s = rng.choice(named or scene.shapes)
-    by_kind = scene.count(kind=s.kind) == 1 and rng.random() >= PLACE_REF
+    by_kind = not by_place and scene.count(kind=s.kind) == 1 and rng.random() >= PLACE_REF
     ref = f"the {s.kind}" if by_kind else f"the shape {WHERE[s.cell]}"
     return QA(rng.choice(Q_COLOR).format(ref=ref), s.color, f"{_cap(ref)} is {s.color}.", KIND_COLOR)
 
 
-def qa_shape(scene: Scene, rng: random.Random, s: Shape | None = None) -> QA:
-    """"What shape is the red object?": the shape named by its colour where that is unique, else by place."""
-    if s is None:
+def qa_shape(scene: Scene, rng: random.Random, s: Shape | None = None, by_place: bool = False) -> QA:
+    """"What shape is the red object?": the shape named by its colour where that is unique, else by place
+    (always by place with by_place)."""
+    if by_place:
+        s = s or rng.choice(scene.shapes)
+    elif s is None:
         named = [x for x in scene.shapes if scene.count(color=x.color) == 1]
         s = rng.choice(named or scene.shapes)
-    if scene.count(color=s.color) == 1 and rng.random() >= PLACE_REF:
+    if not by_place and scene.count(color=s.color) == 1 and rng.random() >= PLACE_REF:
         ref = f"the {s.color} object"
         q = rng.choice(Q_SHAPE).format(ref=ref)
     else:

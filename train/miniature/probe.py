@@ -6,8 +6,10 @@ another ("What color is the star?" finds by kind, "What shape is the red object?
 A fresh LLaMA of the miniature's shape reads each scene as its patch words, composed as in pre-training
 (language.ComposedEmbedding), followed either by facts about the scene (data.facts) or by one short question
 answered. Every --every steps it answers held-out colour, shape and yes/no questions ("Is there a red
-star?"); the first answer token is scored, split by how many shapes the scene holds. One scene per row and
-no picture: a few minutes for what a full recipe run (about 21) shows of the language model's lookups.
+star?"), and colour and shape questions that name the shape by its place ("What color is the shape in the
+top left corner?"); the first answer token is scored, split by how many shapes the scene holds. One scene
+per row and no picture: a few minutes for what a full recipe run (about 21) shows of the language model's
+lookups.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,7 +33,8 @@ from train.miniature import language as L
 
 ASKS = {"colour": (D.qa_color,), "shape": (D.qa_shape,), "exists": (D.qa_exists,), "both": (D.qa_color, D.qa_shape),
         "all": (D.qa_color, D.qa_shape, D.qa_exists)}
-HELD_OUT = (("colour", D.qa_color), ("shape", D.qa_shape), ("yes/no", D.qa_exists))
+HELD_OUT = (("colour", D.qa_color), ("shape", D.qa_shape), ("yes/no", D.qa_exists),
+            ("colour by place", partial(D.qa_color, by_place=True)), ("shape by place", partial(D.qa_shape, by_place=True)))
 TOKENIZER_DOCUMENTS = 2000  # enough for every patch word to be one piece
 
 
