@@ -2,12 +2,13 @@
 
     .venv/bin/python bench/compare.py            # CLIP ViT-L/14-336 + a ~1B LLaMA (TinyLlama-1.1B shape) at Q4_K_M
     .venv/bin/python bench/compare.py --small    # the tests' tiny shape: checks the bench itself quickly
+    .venv/bin/python bench/compare.py --gpu-layers 99   # both tools with every layer on the GPU (a CUDA build)
 
 Builds (once, cached under bench/out/) the model pair with `llava convert --outtype q4_k_m` and
 `llama-mtmd-cli` from the same llama.cpp source as the installed llama-cpp-python (its sdist with
 backend/llava-cls-first.patch). Every row is the median of --runs runs, ours and theirs alternated,
 with the same prompt text (system prompt included), greedy decoding, the same threads, token count,
-context, batch sizes and flash attention (off). `llava` starts each measured run with a fresh, empty
+context, batch sizes, offload and flash attention (off on the CPU, on with layers on a GPU). `llava` starts each measured run with a fresh, empty
 LLAVA_CACHE, as on a first question. Prints the table, then the same as Markdown for a README.
 Never run by the tests.
 """
@@ -138,16 +139,17 @@ def run(cmd: list[str], stdin: str | None = None, env: dict | None = None) -> Ru
 
     Not wait4()'s: Python starts children with vfork, so their ru_maxrss includes this process's own peak.
     """
+    timed = os.path.exists(GNU_TIME)  # missing on some machines: then the RSS rows read nan
     with tempfile.NamedTemporaryFile("r") as rss:
         start = time.perf_counter()
-        proc = subprocess.run([GNU_TIME, "-f", "%M", "-o", rss.name, *cmd], input=stdin,
+        proc = subprocess.run([GNU_TIME, "-f", "%M", "-o", rss.name, *cmd] if timed else cmd, input=stdin,
                               stdin=subprocess.DEVNULL if stdin is None else None, capture_output=True,
                               text=True, errors="replace", env=os.environ | (env or {}))
         seconds = time.perf_counter() - start
-        kib = rss.read().split()[-1]  # after "Command exited with non-zero status N" when it failed
+        kib = float(rss.read().split()[-1]) if timed else float("nan")  # its last word: after "Command exited..."
     if proc.returncode != 0:
         raise RuntimeError(f"{Path(cmd[0]).name} failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    return Run(seconds, int(kib) / 1024, proc.stdout, proc.stderr)
+    return Run(seconds, kib / 1024, proc.stdout, proc.stderr)
 
 
 def prompt_text(question: str) -> str:
@@ -156,9 +158,9 @@ def prompt_text(question: str) -> str:
 
 
 class Bench:
-    def __init__(self, text: Path, proj: Path, mtmd: Path, threads: int, n_tokens: int, workdir: Path):
+    def __init__(self, text: Path, proj: Path, mtmd: Path, threads: int, n_tokens: int, workdir: Path, gpu_layers: int = 0):
         self.text, self.proj, self.mtmd = text, proj, mtmd
-        self.threads, self.n = threads, n_tokens
+        self.threads, self.n, self.gpu_layers = threads, n_tokens, gpu_layers
         self.work = workdir
         self.verdict = workdir / "cache" / "conformance.json"  # written by warm_up()
         self.images = make_images(workdir, 8)
@@ -173,7 +175,7 @@ class Bench:
 
     def _our_options(self) -> list[str]:
         return ["-m", str(self.text), "--mmproj", str(self.proj), "--template", TEMPLATE.name,
-                "-n", str(self.n), "--threads", str(self.threads), "--gpu-layers", "0"]
+                "-n", str(self.n), "--threads", str(self.threads), "--gpu-layers", str(self.gpu_layers)]
 
     def theirs(self, image: Path, question: str) -> Run:
         return run(self.theirs_command(image, question))
@@ -182,14 +184,14 @@ class Bench:
         """llama-mtmd-cli set up as our engine is: the same prompt, context, batch sizes and threads.
 
         --jinja with RAW_TEMPLATE passes -p through unchanged, so both tokenize the same text (a -sys message
-        would be tokenized on its own, one token longer). -fa off: llama-cpp-python's Llama() runs without
-        flash attention. -lv 4 lets llama.cpp's timings through.
+        would be tokenized on its own, one token longer). -fa as our engine sets it: off on the CPU (faster
+        there), on where layers go to a GPU. -lv 4 lets llama.cpp's timings through.
         """
         return [str(self.mtmd), "-m", str(self.text), "--mmproj", str(self.proj), "--image", str(image),
                 "-p", prompt_text(question).replace(IMAGE, MEDIA_MARKER), "--jinja", "--chat-template", RAW_TEMPLATE,
                 "-n", str(self.n), "--temp", "0", "-t", str(self.threads), "-tb", str(self.threads),
-                "-c", str(N_CTX), "-b", str(N_BATCH), "-ub", str(N_BATCH), "-fa", "off",
-                "--no-warmup", "-ngl", "0", "-lv", "4"]
+                "-c", str(N_CTX), "-b", str(N_BATCH), "-ub", str(N_BATCH), "-fa", "on" if self.gpu_layers else "off",
+                "--no-warmup", "-ngl", str(self.gpu_layers), "-lv", "4"]
 
     @contextlib.contextmanager
     def cold_cache(self):
@@ -245,7 +247,7 @@ def our_decode(b: Bench, image: Path) -> tuple[float, float, int]:
 
     from llavacli.engine import Engine, Sampling, Usage
 
-    with Engine(b.text, b.proj, n_ctx=N_CTX, n_threads=b.threads, n_gpu_layers=0) as engine:
+    with Engine(b.text, b.proj, n_ctx=N_CTX, n_threads=b.threads, n_gpu_layers=b.gpu_layers) as engine:
         engine.feed(prompt_text(QUESTIONS[0]), [Image.open(image)])
         n_prompt = engine.n_past
         before = llama_cpp.llama_perf_context(engine.llama.ctx)
@@ -363,10 +365,11 @@ def preamble(b: Bench, runs: int, prompt_tokens: tuple[int, int], load: float) -
         f"command: {shlex.join([os.path.relpath(sys.executable), *sys.argv])}",
         f"pair: {b.text.name} + {b.proj.name}; median of {runs} runs, llava and llama-mtmd-cli alternated; "
         "llava starts each run with a fresh LLAVA_CACHE (cold, as on a first question)",
-        f"both: CPU only, {b.threads} threads, context {N_CTX}, batch and ubatch {N_BATCH}, greedy, {b.n} tokens, "
+        f"both: {f'{b.gpu_layers} layers offloaded' if b.gpu_layers else 'CPU only'}, {b.threads} threads, context {N_CTX}, batch and ubatch {N_BATCH}, greedy, {b.n} tokens, "
         f"the same prompt text ({ours} tokens for llava, {theirs} for llama-mtmd-cli)",
-        "flash attention: off in the LLM for both (llama-cpp-python's default; llama-mtmd-cli -fa off); "
-        "in the vision encoder libmtmd's default, auto, for llava, and off for llama-mtmd-cli (its -fa covers both)",
+        f"flash attention: {'on' if b.gpu_layers else 'off'} in the LLM for both (our engine's choice; llama-mtmd-cli "
+        f"-fa {'on' if b.gpu_layers else 'off'}); in the vision encoder libmtmd's default, auto, for llava, and the same "
+        "-fa for llama-mtmd-cli (it covers both)",
         f"machine: {os.cpu_count()} CPUs, load average {load:.2f} when the bench started",
     ]
 
@@ -388,6 +391,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--gpu-layers", type=int, default=0, help="LLM layers both tools offload (a GPU build)")
     parser.add_argument("--build-only", action="store_true")
     args = parser.parse_args()
 
@@ -399,7 +403,7 @@ def main() -> None:
         return
     work = OUT / "run"
     work.mkdir(parents=True, exist_ok=True)
-    b = Bench(text, proj, mtmd, args.threads, args.tokens, work)
+    b = Bench(text, proj, mtmd, args.threads, args.tokens, work, args.gpu_layers)
     log("warming up: one untimed run of each")
     b.warm_up()
     log(f"llama-mtmd-cli runs as: {shlex.join(b.theirs_command(b.images[0], QUESTIONS[0]))}")

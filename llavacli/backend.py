@@ -3,7 +3,8 @@
 Stock llama-cpp-python 0.3.36 puts CLIP's class embedding after the patches (llama.cpp issue 25814), which
 shifts every position embedding: image features come out at cosine ~0.5 to the reference. `make install`
 builds the library with backend/llava-cls-first.patch. Since a user may still run a stock build, the
-engine checks conformance against a tiny shipped model once per library build and says what it found.
+engine checks conformance against a tiny shipped model once per library build, in a child process, and
+says what it found.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import ctypes
 import hashlib
 import json
 import os
+import signal
+import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -147,6 +150,8 @@ class Verdict:
     detail: str = ""
 
     def describe(self) -> str:
+        if self.detail:
+            return f"unchecked: {self.detail}"
         if self.conformant:
             return f"conformant (LLaVA image features at mean cosine {self.mean_cos:.7f} to the reference)"
         return (
@@ -171,8 +176,34 @@ def measure_conformance(directory: Path = CONFORMANCE_DIR, mmproj: Path | None =
     return Verdict(mean_cos >= CONFORMANCE_MIN_MEAN_COS, mean_cos, min_cos, build_fingerprint())
 
 
+SELF_CHECK = [sys.executable, "-m", "llavacli.backend"]  # prints measure_conformance()'s verdict as JSON
+SELF_CHECK_TIMEOUT = 300
+
+
+def measure_conformance_apart() -> Verdict:
+    """measure_conformance() in a child process, so that a backend that crashes on it (as one CUDA build
+    did inside llama_model_load_from_file) yields a verdict saying so instead of killing the command."""
+    try:
+        proc = subprocess.run(SELF_CHECK, capture_output=True, text=True, timeout=SELF_CHECK_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return _unchecked(f"the LLaVA self-check took over {SELF_CHECK_TIMEOUT} s")
+    if proc.returncode == 0:
+        with contextlib.suppress(ValueError, TypeError, IndexError):
+            return Verdict(**json.loads(proc.stdout.strip().splitlines()[-1]))
+    if proc.returncode < 0:
+        how = f"died of {signal.Signals(-proc.returncode).name}"
+    else:
+        last = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+        how = f"failed (exit status {proc.returncode}: {last[0][:200]})"
+    return _unchecked(f"the LLaVA self-check of this llama.cpp build {how}; image answers are unverified")
+
+
+def _unchecked(detail: str) -> Verdict:
+    return Verdict(False, 0.0, 0.0, build_fingerprint(), detail)
+
+
 def conformance(use_cache: bool = True) -> Verdict:
-    """The backend's verdict, measured once per library build and remembered."""
+    """The backend's verdict, measured once per library build (in a child process) and remembered."""
     path = cache_dir() / "conformance.json"
     fingerprint = build_fingerprint()
     if use_cache:
@@ -180,10 +211,14 @@ def conformance(use_cache: bool = True) -> Verdict:
             cached = json.loads(path.read_text())
             if cached["fingerprint"] == fingerprint:
                 return Verdict(**cached)
-    verdict = measure_conformance()
+    verdict = measure_conformance_apart()
     with contextlib.suppress(OSError):  # an unwritable cache only costs measuring again next time
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(asdict(verdict)))
         os.replace(tmp, path)
     return verdict
+
+
+if __name__ == "__main__":  # SELF_CHECK: the verdict on stdout's last line
+    print(json.dumps(asdict(measure_conformance())))

@@ -325,7 +325,7 @@ def info(
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         print(f"{key:<{width}}  {value}")
-    if not verdict.conformant:
+    if not verdict.conformant and not verdict.detail:
         print(f"{'fix':<{width}}  {backend.FIX_HINT}")
 
 

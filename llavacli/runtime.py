@@ -65,7 +65,9 @@ def check_backend() -> None:
     from llavacli import backend
 
     verdict = backend.conformance()
-    if not verdict.conformant:
+    if verdict.detail:
+        warn(f"{verdict.detail} (`llava info --check` runs it again)")
+    elif not verdict.conformant:
         warn(f"this llama.cpp build is {verdict.describe()}. Fix: {backend.FIX_HINT}")
 
 

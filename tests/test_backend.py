@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
 import gguf
+import pytest
 from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
 from PIL import Image
 
@@ -11,6 +17,8 @@ from conftest import run_llava
 from llavacli import backend
 from llavacli.engine import Engine
 from llavacli.ggufmeta import FEATURE_LAYER_KEY
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "shapes-1.png"
 
 
 def _rewrite(src, dst, *, drop_keys=(), drop_tensors=lambda name: False, set_keys=None):
@@ -47,6 +55,33 @@ def test_verdict_is_cached_per_build(tmp_path, monkeypatch):
     assert (tmp_path / "conformance.json").is_file()
     assert backend.conformance() == first
     assert first.fingerprint == backend.build_fingerprint()
+
+
+@pytest.mark.parametrize(
+    "child, said",
+    [
+        ("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", "died of SIGSEGV"),
+        ("import sys; sys.exit('cannot open tiny.gguf')", "failed (exit status 1: cannot open tiny.gguf)"),
+    ],
+)
+def test_a_self_check_that_crashes_is_a_verdict_not_a_crash(tmp_path, monkeypatch, child, said):
+    """The check runs in a child process: a backend that dies on it cannot take the user's command with it."""
+    monkeypatch.setenv("LLAVA_CACHE", str(tmp_path))
+    monkeypatch.setattr(backend, "SELF_CHECK", [sys.executable, "-c", child])
+    verdict = backend.conformance(use_cache=False)
+    assert not verdict.conformant
+    assert said in verdict.describe() and verdict.describe().startswith("unchecked:")
+    assert backend.conformance() == verdict  # remembered for this build, like any verdict
+
+
+def test_a_command_after_a_crashed_self_check_warns_and_still_answers(tmp_path):
+    crashed = backend._unchecked("the LLaVA self-check of this llama.cpp build died of SIGSEGV")
+    (tmp_path / "conformance.json").write_text(json.dumps(dataclasses.asdict(crashed)))
+    proc = run_llava("ask", "--model", "demo", EXAMPLE, "What shape is in the picture?", env={"LLAVA_CACHE": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
+    assert "warning: the LLaVA self-check of this llama.cpp build died of SIGSEGV" in proc.stderr
+    assert "llava info --check" in proc.stderr
 
 
 def test_info_reports_backend_and_verdict():

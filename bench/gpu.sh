@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The checks that need an NVIDIA GPU, in one go. Run on a machine with CUDA (nvcc) and CMake, with a Python
+# that already has this project installed (`pip install -e '.[all]'`, or its dependencies and torch):
+#
+#   bash bench/gpu.sh [PYTHON]          (default python3; logs in bench/out/gpu/)
+#
+#   build     the fixed backend with CUDA into PYTHON (backend/build.sh)
+#   diagnose  bench/gpu_diagnose.py: which of stock llama-cpp-python and our engine load and run on the GPU
+#   tests     the fidelity, backend, cache and demo-model tests, every layer and the vision encoder on the GPU
+#   offload   bench/offload.py: one `llava ask` on the LLaVA-1.5-shaped pair, CPU only against full offload
+#   compare   (only when named in STEPS) bench/compare.py --gpu-layers 99 against a CUDA llama-mtmd-cli
+#             already at bench/out/llama-mtmd-cli (build it from the same sources with -DLLAMA_BUILD_TOOLS=ON)
+#
+# A step that passed leaves bench/out/gpu/STEP.done and is skipped the next time, so a run cut short
+# resumes; the build resumes too (backend/build.sh). STEPS="tests offload" runs only those.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+py=${1:-python3}
+logs=bench/out/gpu
+mkdir -p "$logs"
+
+build() {
+    CMAKE_ARGS="-DGGML_CUDA=on ${CMAKE_ARGS:-}" bash backend/build.sh "$py"
+}
+
+diagnose() { "$py" bench/gpu_diagnose.py; }
+
+tests() {
+    "$py" -m pytest -q -p no:cacheprovider --durations=8 \
+        tests/test_fidelity.py tests/test_backend.py tests/test_cache.py tests/test_miniature_demo.py
+}
+
+offload() { "$py" bench/offload.py --runs 3; }
+
+compare() { "$py" bench/compare.py --gpu-layers 99 --runs 3; }
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nvcc --version | tail -n 1; } 2>&1 |
+    tee "$logs/machine.log"
+
+failed=0
+for step in ${STEPS:-build diagnose tests offload}; do
+    if [ -e "$logs/$step.done" ]; then
+        echo "== $step: passed before, skipped"
+        continue
+    fi
+    echo "== $step"
+    start=$SECONDS
+    if "$step" 2>&1 | tee "$logs/$step.log"; then
+        echo "== $step: passed in $((SECONDS - start)) s" | tee -a "$logs/$step.log"
+        touch "$logs/$step.done"
+    else
+        echo "== $step: FAILED after $((SECONDS - start)) s" | tee -a "$logs/$step.log"
+        failed=1
+        [ "$step" = build ] && break  # nothing after it can run without the backend
+    fi
+done
+exit $failed

@@ -1,0 +1,76 @@
+"""Which loads run on this build's GPU: stock llama-cpp-python, our engine, `llava`; each in its own process.
+
+    python bench/gpu_diagnose.py
+
+Written after the first CUDA run of `llava` (H200, CUDA 13.0) died with SIGSEGV inside
+llama_model_load_from_file on every command, while stock `Llama()` ran the demo model fully offloaded.
+Each probe below changes one thing; the first that crashes is run again under cuda-gdb (when installed)
+for the native backtrace. Exit status 1 when any probe failed. Never run by the tests.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "llavacli" / "data" / "demo"
+TINY = ROOT / "llavacli" / "data" / "conformance"
+IMAGE = ROOT / "examples" / "shapes-1.png"
+LLAVA = Path(sys.executable).parent / "llava"
+
+
+def stock(model: Path, layers: int, verbose: bool) -> str:
+    return (f"from llama_cpp import Llama; m = Llama({str(model)!r}, n_gpu_layers={layers}, verbose={verbose}); "
+            "print(repr(m('USER: What is red? ASSISTANT:', max_tokens=4)['choices'][0]['text']))")
+
+
+ENGINE = ("from PIL import Image; from llavacli.engine import Engine; "
+          "e = Engine({text!r}, {proj!r}, n_ctx=256, n_gpu_layers={layers}); "
+          f"print(e.image_embeddings(Image.open({str(IMAGE)!r})).shape)")
+
+PROBES = {
+    "stock Llama(), demo model (Q8_0, 192 wide), all layers, verbose": stock(DEMO / "demo.gguf", -1, True),
+    "stock Llama(), demo model, all layers, quiet": stock(DEMO / "demo.gguf", -1, False),
+    "stock Llama(), conformance model (F32, 32 wide), no layers, verbose": stock(TINY / "tiny.gguf", 0, True),
+    "stock Llama(), conformance model, all layers, quiet": stock(TINY / "tiny.gguf", -1, False),
+    "our log callback, then stock Llama(), demo model": "from llavacli import backend; backend.capture_logs(True); "
+    + stock(DEMO / "demo.gguf", -1, True),
+    "our Engine, demo pair, all layers": ENGINE.format(text=str(DEMO / "demo.gguf"), proj=str(DEMO / "demo.mmproj.gguf"), layers=-1),
+    "our Engine, conformance pair, no layers (the backend self-check)": ENGINE.format(
+        text=str(TINY / "tiny.gguf"), proj=str(TINY / "tiny.mmproj.gguf"), layers=0),
+}
+
+
+def outcome(returncode: int) -> str:
+    if returncode < 0:
+        return f"died of {signal.Signals(-returncode).name}"
+    return "ok" if returncode == 0 else f"exit status {returncode}"
+
+
+def main() -> None:
+    crashed = []
+    for name, code in PROBES.items():
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        last = (proc.stdout.strip() or proc.stderr.strip()).splitlines()[-1:] or [""]
+        print(f"{outcome(proc.returncode):>20}  {name}: {last[0][:120]}", flush=True)
+        if proc.returncode != 0:
+            crashed.append(code)
+    proc = subprocess.run([str(LLAVA), "ask", "--model", "demo", str(IMAGE), "What shape is it?", "-n", "8", "--no-cache"],
+                          capture_output=True, text=True, timeout=120)
+    print(f"{outcome(proc.returncode):>20}  llava ask --model demo: {(proc.stdout or proc.stderr).strip()[-120:]}")
+    if crashed and shutil.which("cuda-gdb"):
+        print("\ncuda-gdb, the first probe that failed:", flush=True)
+        gdb = subprocess.run(["cuda-gdb", "-batch", "-ex", "run", "-ex", "bt 30", "--args", sys.executable, "-c", crashed[0]],
+                             capture_output=True, text=True, timeout=180)
+        lines = [ln for ln in gdb.stdout.splitlines() if not ln.startswith(("[New Thread", "[Thread", "warning"))]
+        start = next((i for i, ln in enumerate(lines) if "signal" in ln.lower()), 0)
+        print("\n".join(lines[start:start + 40]))
+    sys.exit(1 if crashed or proc.returncode else 0)
+
+
+if __name__ == "__main__":
+    main()
