@@ -59,3 +59,13 @@ def test_a_short_run_trains_and_scores_both_kinds():
         assert [part.split(":")[0] for part in split.split()] == ["1", "2", "3", "4", "5"], split
     by_place = re.findall(r"\| (colour|shape) by place \d+% \(by shapes 1:\d+%", run.stdout)
     assert by_place == ["colour", "shape"] * 2, run.stdout
+
+
+def test_a_place_phase_runs_first_and_only_the_main_steps_are_scored():
+    run = subprocess.run(
+        [sys.executable, "-m", "train.miniature.probe", "--place-steps", "10", "--steps", "20", "--every", "10",
+         "--batch", "8", "--held-out", "10"],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert re.findall(r"^step (\d+) ", run.stdout, re.M) == ["10", "20"], run.stdout

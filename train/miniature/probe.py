@@ -48,6 +48,7 @@ class Probe:
     lr: float = 2e-3
     every: int = 150
     held_out: int = 150  # questions per kind
+    place_steps: int = 0  # a first phase on place lists alone (data.place_list); then 1 row in 10 is one
     shape: L.LMShape = L.LMShape()
     seed: int = 0
 
@@ -126,29 +127,41 @@ def run(probe: Probe, tok, log=print) -> list[dict]:
         model.train()
         return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
 
-    opt = torch.optim.AdamW(model.parameters(), lr=probe.lr, betas=(0.9, 0.98), weight_decay=0.0)
-    makers, reports, losses, start = ASKS[probe.ask], [], [], time.time()
+    makers, reports, start = ASKS[probe.ask], [], time.time()
+
+    def places(scene: D.Scene) -> tuple[list[int], list[int]]:
+        return rows.split(D.grid_text(scene) + "\n", D.place_list(scene, rng))
+
+    def row() -> tuple[list[int], list[int]]:
+        scene = D.make_scene(rng, "t")
+        if probe.place_steps and rng.random() < 0.1:
+            return places(scene)
+        as_facts = rng.random() < probe.facts
+        return rows.facts(scene, rng) if as_facts else rows.question(scene, rng, rng.choice(makers))
+
+    def phase(steps: int, make_row, scored: bool) -> None:
+        opt = torch.optim.AdamW(model.parameters(), lr=probe.lr, betas=(0.9, 0.98), weight_decay=0.0)
+        losses = []
+        for step in range(steps):
+            ids, labels = rows.batch([make_row() for _ in range(probe.batch)])
+            for group in opt.param_groups:
+                group["lr"] = L.cosine_lr(step, steps, probe.lr, 0.03)
+            loss = model(inputs_embeds=composed(ids), labels=labels).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            losses.append(loss.item())
+            if scored and ((step + 1) % probe.every == 0 or step + 1 == steps):
+                recent = losses[-probe.every :]
+                report = {"step": step + 1, "loss": sum(recent) / len(recent), "seconds": round(time.time() - start), **score()}
+                reports.append(report)
+                log(describe(report))
+
     model.train()
-    for step in range(probe.steps):
-        pairs = []
-        for _ in range(probe.batch):
-            scene = D.make_scene(rng, "t")
-            as_facts = rng.random() < probe.facts
-            pairs.append(rows.facts(scene, rng) if as_facts else rows.question(scene, rng, rng.choice(makers)))
-        ids, labels = rows.batch(pairs)
-        for group in opt.param_groups:
-            group["lr"] = L.cosine_lr(step, probe.steps, probe.lr, 0.03)
-        loss = model(inputs_embeds=composed(ids), labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        if (step + 1) % probe.every == 0 or step + 1 == probe.steps:
-            recent = losses[-probe.every :]
-            report = {"step": step + 1, "loss": sum(recent) / len(recent), "seconds": round(time.time() - start), **score()}
-            reports.append(report)
-            log(describe(report))
+    if probe.place_steps:
+        phase(probe.place_steps, lambda: places(D.make_scene(rng, "t")), scored=False)
+    phase(probe.steps, row, scored=True)
     return reports
 
 
@@ -172,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=L.LMShape.layers)
     parser.add_argument("--heads", type=int, default=L.LMShape.heads)
     parser.add_argument("--hidden", type=int, default=L.LMShape.hidden)
+    parser.add_argument("--place-steps", type=int, default=0, help="first train this many steps on place lists alone")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenizer", type=Path, help="a recipe's language model directory (DIR/lm) to take the tokenizer from")
     parser.add_argument("--threads", type=int, default=2)
@@ -179,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     shape = L.LMShape(hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.heads)
     probe = Probe(ask=args.ask, facts=args.facts, steps=args.steps, batch=args.batch, lr=args.lr, every=args.every,
-                  held_out=args.held_out, shape=shape, seed=args.seed)
+                  held_out=args.held_out, shape=shape, seed=args.seed, place_steps=args.place_steps)
     run(probe, make_tokenizer(args.tokenizer, args.seed), log=lambda line: print(line, flush=True))
     return 0
 
