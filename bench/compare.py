@@ -8,8 +8,9 @@ Builds (once, cached under bench/out/) the model pair with `llava convert --outt
 `llama-mtmd-cli` from the same llama.cpp source as the installed llama-cpp-python (its sdist with
 backend/llava-cls-first.patch). Every row is the median of --runs runs, ours and theirs alternated,
 with the same prompt text (system prompt included), greedy decoding, the same threads, token count,
-context, batch sizes, offload and flash attention (off on the CPU, on with layers on a GPU). `llava` starts each measured run with a fresh, empty
-LLAVA_CACHE, as on a first question. Prints the table, then the same as Markdown for a README.
+context, batch sizes, offload and flash attention (off on the CPU, on with layers on a GPU). `llava`
+starts each measured run with a fresh, empty LLAVA_CACHE, as on a first question. Prints the table, then
+the same as Markdown for a README.
 Never run by the tests.
 """
 
@@ -365,8 +366,8 @@ def preamble(b: Bench, runs: int, prompt_tokens: tuple[int, int], load: float) -
         f"command: {shlex.join([os.path.relpath(sys.executable), *sys.argv])}",
         f"pair: {b.text.name} + {b.proj.name}; median of {runs} runs, llava and llama-mtmd-cli alternated; "
         "llava starts each run with a fresh LLAVA_CACHE (cold, as on a first question)",
-        f"both: {f'{b.gpu_layers} layers offloaded' if b.gpu_layers else 'CPU only'}, {b.threads} threads, context {N_CTX}, batch and ubatch {N_BATCH}, greedy, {b.n} tokens, "
-        f"the same prompt text ({ours} tokens for llava, {theirs} for llama-mtmd-cli)",
+        f"both: {f'{b.gpu_layers} layers offloaded' if b.gpu_layers else 'CPU only'}, {b.threads} threads, "
+        f"context {N_CTX}, batch and ubatch {N_BATCH}, greedy, {b.n} tokens, the same prompt text ({ours} tokens for llava, {theirs} for llama-mtmd-cli)",
         f"flash attention: {'on' if b.gpu_layers else 'off'} in the LLM for both (our engine's choice; llama-mtmd-cli "
         f"-fa {'on' if b.gpu_layers else 'off'}); in the vision encoder libmtmd's default, auto, for llava, and the same "
         "-fa for llama-mtmd-cli (it covers both)",
