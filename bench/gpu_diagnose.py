@@ -5,11 +5,14 @@
 Written after the first CUDA run of `llava` (H200, CUDA 13.0) died with SIGSEGV inside
 llama_model_load_from_file on every command, while stock `Llama()` ran the demo model fully offloaded.
 Each probe below changes one thing; the first that crashes is run again under cuda-gdb (when installed)
-for the native backtrace. Exit status 1 when any probe failed. Never run by the tests.
+for the native backtrace. The last probe hides the GPU: if it crashes too, the fault is in the CPU code
+built for that machine (-march=native there: AVX-512, perhaps AMX, which this project's CPU box lacks), not
+in CUDA. Exit status 1 when any probe failed. Never run by the tests.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -43,6 +46,7 @@ PROBES = {
     "our Engine, conformance pair, no layers (the backend self-check)": ENGINE.format(
         text=str(TINY / "tiny.gguf"), proj=str(TINY / "tiny.mmproj.gguf"), layers=0),
 }
+HIDDEN_GPU = "our Engine, conformance pair, no layers, CUDA_VISIBLE_DEVICES=''"
 
 
 def outcome(returncode: int) -> str:
@@ -53,8 +57,10 @@ def outcome(returncode: int) -> str:
 
 def main() -> None:
     crashed = []
-    for name, code in PROBES.items():
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    probes = [(name, code, {}) for name, code in PROBES.items()]
+    probes.append((HIDDEN_GPU, PROBES[list(PROBES)[-1]], {"CUDA_VISIBLE_DEVICES": ""}))
+    for name, code, env in probes:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=os.environ | env)
         last = (proc.stdout.strip() or proc.stderr.strip()).splitlines()[-1:] or [""]
         print(f"{outcome(proc.returncode):>20}  {name}: {last[0][:120]}", flush=True)
         if proc.returncode != 0:
