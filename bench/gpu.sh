@@ -35,7 +35,13 @@ offload() { "$py" bench/offload.py --runs 3; }
 
 compare() { "$py" bench/compare.py --gpu-layers 99 --runs 3; }
 
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nvcc --version | tail -n 1; } 2>&1 |
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    nvcc --version | tail -n 1
+    grep -m1 "model name" /proc/cpuinfo
+    echo "CPU extensions: $(grep -m1 ^flags /proc/cpuinfo | grep -o -w -E 'avx2|avx512[a-z0-9_]*|amx[a-z0-9_]*' | tr '\n' ' ')"
+    echo "CMAKE_ARGS: -DGGML_CUDA=on ${CMAKE_ARGS:-}"
+} 2>&1 |
     tee "$logs/machine.log"
 
 failed=0

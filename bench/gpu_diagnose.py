@@ -47,7 +47,11 @@ PROBES = {
     "our Engine, demo pair, all layers": ENGINE.format(text=str(DEMO / "demo.gguf"), proj=str(DEMO / "demo.mmproj.gguf"), layers=-1),
     "the backend self-check (our Engine, conformance pair, no layers)": SELF_CHECK,
 }
-HIDDEN_GPU = "the backend self-check, CUDA_VISIBLE_DEVICES=''"
+HIDDEN_GPU = {  # the same loads with the GPU hidden: a crash here is in the CPU code, not in CUDA
+    "stock Llama(), conformance model, no layers, CUDA_VISIBLE_DEVICES=''": stock(TINY / "tiny.gguf", 0, False),
+    "the backend self-check, CUDA_VISIBLE_DEVICES=''": SELF_CHECK,
+}
+SYSTEM_INFO = "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"
 
 
 def outcome(returncode: int) -> str:
@@ -57,9 +61,11 @@ def outcome(returncode: int) -> str:
 
 
 def main() -> None:
+    info = subprocess.run([sys.executable, "-c", SYSTEM_INFO], capture_output=True, text=True, timeout=120)
+    print("llama.cpp system info:", (info.stdout or info.stderr).strip()[-400:], flush=True)
     crashed = []
     probes = [(name, code, {}) for name, code in PROBES.items()]
-    probes.append((HIDDEN_GPU, SELF_CHECK, {"CUDA_VISIBLE_DEVICES": ""}))
+    probes += [(name, code, {"CUDA_VISIBLE_DEVICES": ""}) for name, code in HIDDEN_GPU.items()]
     for name, code, env in probes:
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=os.environ | env)
         last = (proc.stdout.strip() or proc.stderr.strip()).splitlines()[-1:] or [""]
