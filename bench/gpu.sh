@@ -5,7 +5,8 @@
 #   bash bench/gpu.sh [PYTHON]          (default python3; logs in bench/out/gpu/)
 #
 #   build     the fixed backend with CUDA into PYTHON (backend/build.sh)
-#   diagnose  bench/gpu_diagnose.py: which of stock llama-cpp-python and our engine load and run on the GPU
+#   diagnose  bench/gpu_diagnose.py: which of stock llama-cpp-python and our engine load and run on the GPU;
+#             where ours crash, what triggers it, and a workaround the steps after it then run with
 #   tests     the fidelity, backend, cache and demo-model tests, every layer and the vision encoder on the GPU
 #   offload   bench/offload.py: one `llava ask` on the LLaVA-1.5-shaped pair, CPU only against full offload
 #   compare   (only when named in STEPS) bench/compare.py --gpu-layers 99 against a CUDA llama-mtmd-cli
@@ -49,6 +50,10 @@ for step in ${STEPS:-build diagnose tests offload}; do
     if [ -e "$logs/$step.done" ]; then
         echo "== $step: passed before, skipped"
         continue
+    fi
+    if [ -e "$logs/site/sitecustomize.py" ]; then  # a workaround bench/gpu_diagnose.py found for a crash
+        export PYTHONPATH="$PWD/$logs/site${PYTHONPATH:+:$PYTHONPATH}"
+        echo "== with the workaround in $logs/site/sitecustomize.py"
     fi
     echo "== $step"
     start=$SECONDS

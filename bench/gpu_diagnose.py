@@ -51,7 +51,33 @@ HIDDEN_GPU = {  # the same loads with the GPU hidden: a crash here is in the CPU
     "stock Llama(), conformance model, no layers, CUDA_VISIBLE_DEVICES=''": stock(TINY / "tiny.gguf", 0, False),
     "the backend self-check, CUDA_VISIBLE_DEVICES=''": SELF_CHECK,
 }
+
+# What our process does before its first load that a stock one does not, one thing at a time, each
+# before the stock load of the conformance model that passes on its own.
+STOCK_TINY = stock(TINY / "tiny.gguf", 0, False)
+TRIGGERS = {
+    "numpy imported first": "import numpy; ",
+    "sentencepiece imported first (gguf imports it)": "import sentencepiece; ",
+    "gguf imported first": "import gguf; ",
+    "libmtmd loaded first": "import llama_cpp.mtmd_cpp; ",
+    "a Python log callback set first": "import ctypes, llama_cpp; cb = llama_cpp.llama_log_callback(lambda *a: None); "
+    "llama_cpp.llama_log_set(cb, ctypes.c_void_p(0)); ",
+}
+# Changes to our own process that would avoid the trigger; the first whose self-check passes is written
+# to bench/out/gpu/site/sitecustomize.py, which bench/gpu.sh puts on PYTHONPATH for the steps after this.
+WORKAROUNDS = {
+    "llama_cpp and libmtmd loaded before anything else": "import llama_cpp, llama_cpp.mtmd_cpp\n",
+    "sentencepiece kept out of the process": "import sys\nsys.modules.setdefault('sentencepiece', None)\n",
+}
+SITE = ROOT / "bench" / "out" / "gpu" / "site"
 SYSTEM_INFO = "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"
+
+
+def probe(name: str, code: str, env: dict | None = None) -> bool:
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=os.environ | (env or {}))
+    last = (proc.stdout.strip() or proc.stderr.strip()).splitlines()[-1:] or [""]
+    print(f"{outcome(proc.returncode):>20}  {name}: {last[0][:120]}", flush=True)
+    return proc.returncode == 0
 
 
 def outcome(returncode: int) -> str:
@@ -63,25 +89,29 @@ def outcome(returncode: int) -> str:
 def main() -> None:
     info = subprocess.run([sys.executable, "-c", SYSTEM_INFO], capture_output=True, text=True, timeout=120)
     print("llama.cpp system info:", (info.stdout or info.stderr).strip()[-400:], flush=True)
-    crashed = []
-    probes = [(name, code, {}) for name, code in PROBES.items()]
-    probes += [(name, code, {"CUDA_VISIBLE_DEVICES": ""}) for name, code in HIDDEN_GPU.items()]
-    for name, code, env in probes:
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=os.environ | env)
-        last = (proc.stdout.strip() or proc.stderr.strip()).splitlines()[-1:] or [""]
-        print(f"{outcome(proc.returncode):>20}  {name}: {last[0][:120]}", flush=True)
-        if proc.returncode != 0:
-            crashed.append(code)
+    crashed = [code for name, code in PROBES.items() if not probe(name, code)]
+    crashed += [code for name, code in HIDDEN_GPU.items() if not probe(name, code, {"CUDA_VISIBLE_DEVICES": ""})]
     proc = subprocess.run([str(LLAVA), "ask", "--model", "demo", str(IMAGE), "What shape is it?", "-n", "8", "--no-cache"],
                           capture_output=True, text=True, timeout=120)
     print(f"{outcome(proc.returncode):>20}  llava ask --model demo: {(proc.stdout or proc.stderr).strip()[-120:]}")
+    if crashed or proc.returncode:
+        print("\nwhat triggers it (each before the stock load of the conformance model):", flush=True)
+        for name, prefix in TRIGGERS.items():
+            probe(name, prefix + STOCK_TINY)
+        print("\nworkarounds (the self-check after each):", flush=True)
+        for name, code in WORKAROUNDS.items():
+            if probe(name, code.replace("\n", "; ") + SELF_CHECK):
+                SITE.mkdir(parents=True, exist_ok=True)
+                (SITE / "sitecustomize.py").write_text(f"# bench/gpu_diagnose.py: {name}\n{code}")
+                print(f"written to {SITE / 'sitecustomize.py'}; bench/gpu.sh runs the steps after this with it")
+                break
     if crashed and shutil.which("cuda-gdb"):
         print("\ncuda-gdb, the first probe that failed:", flush=True)
         gdb = subprocess.run(["cuda-gdb", "-batch", "-ex", "run", "-ex", "bt 30", "--args", sys.executable, "-c", crashed[0]],
                              capture_output=True, text=True, timeout=180)
         lines = [ln for ln in gdb.stdout.splitlines() if not ln.startswith(("[New Thread", "[Thread", "warning"))]
         start = next((i for i, ln in enumerate(lines) if "signal" in ln.lower()), 0)
-        print("\n".join(lines[start:start + 40]))
+        print("\n".join(lines[start:start + 12]))
     sys.exit(1 if crashed or proc.returncode else 0)
 
 
