@@ -4,7 +4,8 @@
 #
 #   bash bench/gpu.sh [PYTHON]          (default python3; logs in bench/out/gpu/)
 #
-#   build     the fixed backend with CUDA into PYTHON (backend/build.sh)
+#   build     the fixed backend with CUDA into PYTHON (backend/build.sh), or, with
+#             LLAVA_BACKEND_TARBALL=.gpu/llama_cpp_cuda90.tar.xz, the one bench/cuda_wheel.sh built elsewhere
 #   diagnose  bench/gpu_diagnose.py: which of stock llama-cpp-python and our engine load and run on the GPU;
 #             where ours crash, what triggers it, and a workaround the steps after it then run with
 #   tests     the fidelity, backend, cache and demo-model tests, every layer and the vision encoder on the GPU
@@ -22,7 +23,13 @@ logs=bench/out/gpu
 mkdir -p "$logs"
 
 build() {
-    CMAKE_ARGS="-DGGML_CUDA=on ${CMAKE_ARGS:-}" bash backend/build.sh "$py"
+    if [ -n "${LLAVA_BACKEND_TARBALL:-}" ]; then  # built elsewhere by bench/cuda_wheel.sh
+        site=$("$py" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+        rm -rf "$site"/llama_cpp "$site"/llama_cpp_python-*.dist-info
+        tar -xJf "$LLAVA_BACKEND_TARBALL" -C "$site" && "$py" -c "import llama_cpp; print(llama_cpp.__version__)"
+    else
+        CMAKE_ARGS="-DGGML_CUDA=on ${CMAKE_ARGS:-}" bash backend/build.sh "$py"
+    fi
 }
 
 diagnose() { "$py" bench/gpu_diagnose.py; }

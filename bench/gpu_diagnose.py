@@ -2,12 +2,14 @@
 
     python bench/gpu_diagnose.py
 
-Written after the first CUDA run of `llava` (H200, CUDA 13.0) died with SIGSEGV inside
-llama_model_load_from_file on every command, while stock `Llama()` ran the demo model fully offloaded.
-Each probe below changes one thing; the first that crashes is run again under cuda-gdb (when installed)
-for the native backtrace. The last probe hides the GPU: if it crashes too, the fault is in the CPU code
-built for that machine (-march=native there: AVX-512, perhaps AMX, which this project's CPU box lacks), not
-in CUDA. Exit status 1 when any probe failed. Never run by the tests.
+Written after CUDA backends compiled on an H200 machine (CUDA 13.0) made every `llava` process die of
+SIGSEGV in llama_model_load_from_file (libstdc++'s number formatting under llama_model::print_info), while
+stock `Llama()` ran: the probes below showed it strikes with the GPU hidden too, and only after our
+process's own steps (gguf imported, libmtmd loaded). A backend built on the project's Debian box
+(bench/cuda_wheel.sh) passed them all there. Where a probe fails, the script tries each of those steps alone
+before a stock load, then workarounds; the first workaround that passes is written as a sitecustomize.py
+that bench/gpu.sh runs the later steps with, and the first failing probe is rerun under cuda-gdb. Exit
+status 1 when any probe failed. Never run by the tests.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@
 #   export PIP_NO_BUILD_ISOLATION=0 LLAVA_BACKEND_SDIST=$PWD/.gpu/llama_cpp_python-0.3.36.tar.gz
 #   python3 -m pip install --no-index --no-deps .whl/*.whl && python3 -m pip install --no-index --no-deps .
 #   bash bench/gpu.sh python3
+# To skip the 4-minute CUDA build there, also run bench/cuda_wheel.sh here and set LLAVA_BACKEND_TARBALL
+# there (bench/gpu.sh); that is how the H200 run in the README went.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
