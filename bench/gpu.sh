@@ -48,7 +48,7 @@ compare() { "$py" bench/compare.py --gpu-layers 99 --runs 3; }
     nvcc --version | tail -n 1
     grep -m1 "model name" /proc/cpuinfo
     echo "CPU extensions: $(grep -m1 ^flags /proc/cpuinfo | grep -o -w -E 'avx2|avx512[a-z0-9_]*|amx[a-z0-9_]*' | tr '\n' ' ')"
-    echo "CMAKE_ARGS: -DGGML_CUDA=on ${CMAKE_ARGS:-}"
+    echo "backend: ${LLAVA_BACKEND_TARBALL:-built here with CMAKE_ARGS=-DGGML_CUDA=on ${CMAKE_ARGS:-}}"
 } 2>&1 |
     tee "$logs/machine.log"
 
@@ -58,7 +58,8 @@ for step in ${STEPS:-build diagnose tests offload}; do
         echo "== $step: passed before, skipped"
         continue
     fi
-    if [ -e "$logs/site/sitecustomize.py" ]; then  # a workaround bench/gpu_diagnose.py found for a crash
+    if [ -e "$logs/site/sitecustomize.py" ] && [ -z "${workaround:-}" ]; then  # bench/gpu_diagnose.py found one
+        workaround=1
         export PYTHONPATH="$PWD/$logs/site${PYTHONPATH:+:$PYTHONPATH}"
         echo "== with the workaround in $logs/site/sitecustomize.py"
     fi
