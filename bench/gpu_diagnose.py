@@ -69,6 +69,7 @@ TRIGGERS = {
 # to bench/out/gpu/site/sitecustomize.py, which bench/gpu.sh puts on PYTHONPATH for the steps after this.
 WORKAROUNDS = {
     "llama_cpp and libmtmd loaded before anything else": "import llama_cpp, llama_cpp.mtmd_cpp\n",
+    # the last resort: tests that build a SentencePiece tokenizer then fail, but `llava` and the timings run
     "sentencepiece kept out of the process": "import sys\nsys.modules.setdefault('sentencepiece', None)\n",
 }
 SITE = ROOT / "bench" / "out" / "gpu" / "site"
