@@ -61,3 +61,18 @@ def test_quick_run_was_evaluated_in_transformers(quick_run):
     assert set(summary["kinds"]) == {"colour", "shape", "count", "yes/no", "multiple choice"}
     lines = (quick_run / "eval-transformers.jsonl").read_text().splitlines()
     assert len(lines) == sum(k["n"] for k in summary["kinds"].values())
+
+
+@pytest.mark.slow
+def test_readout_labels_every_held_out_patch_with_its_cell(quick_run):
+    from train.miniature import data as D
+    from train.miniature.readout import CELLS, features
+
+    tower, projected, cells, occupied = features(quick_run, limit=5)
+    scenes = D.load_scenes(quick_run / "data", "test")[:5]
+    assert len(tower) == len(projected) == len(cells) == 5 * CELLS
+    config = json.loads((quick_run / "llava-hf" / "config.json").read_text())
+    assert tower.shape[1] == config["vision_config"]["hidden_size"]
+    assert projected.shape[1] == config["text_config"]["hidden_size"]  # what the language model reads
+    assert cells.tolist() == list(range(CELLS)) * 5
+    assert occupied.tolist() == [owner >= 0 for s in scenes for owner in D.patch_owners(s)]

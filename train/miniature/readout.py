@@ -43,6 +43,8 @@ def features(run: Path, limit: int | None = None):
             img = preprocess(Image.open(run / "data" / "images" / "test" / f"{i:05d}.png"), size)
             pixels = processor(images=img, return_tensors="pt", do_resize=False, do_center_crop=False).pixel_values
             patches = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[layer][0, 1:]  # no CLS
+            if len(patches) != CELLS:
+                raise SystemExit(f"the tower gives {len(patches)} patches, not one per cell of the {D.GRID}x{D.GRID} grid")
             tower.append(patches)
             projected.append(model.model.multi_modal_projector(patches))
             cells.append(torch.arange(CELLS))
@@ -84,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="at most this many held-out pictures")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    for part in ("llava-hf", "data"):
+        if not (args.run / part).is_dir():
+            parser.error(f"{args.run / part} is missing: give the --out folder of a finished `python -m train.miniature` run")
     result = readout(args.run, args.limit)
     if args.json:
         print(json.dumps(result))
