@@ -28,20 +28,17 @@ def features(run: Path, limit: int | None = None):
     """(tower features, projector outputs, cell index, holds a shape) for every patch of the held-out pictures."""
     import torch
     from PIL import Image
-    from transformers import AutoImageProcessor, LlavaForConditionalGeneration
 
-    from llavacli.images import preprocess
+    from train.miniature.answer import Answerer
 
-    model = LlavaForConditionalGeneration.from_pretrained(run / "llava-hf").eval()
-    processor = AutoImageProcessor.from_pretrained(run / "llava-hf")
-    size = model.config.vision_config.image_size
+    answerer = Answerer(run / "llava-hf")  # the model and pixels exactly as the transformers evaluation has them
+    model = answerer.model
     layer = model.config.vision_feature_layer
     scenes = D.load_scenes(run / "data", "test")[:limit]
     tower, projected, cells, occupied = [], [], [], []
     with torch.no_grad():
         for i, scene in enumerate(scenes):
-            img = preprocess(Image.open(run / "data" / "images" / "test" / f"{i:05d}.png"), size)
-            pixels = processor(images=img, return_tensors="pt", do_resize=False, do_center_crop=False).pixel_values
+            pixels = answerer.pixels(Image.open(run / "data" / "images" / "test" / f"{i:05d}.png"))
             patches = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[layer][0, 1:]  # no CLS
             if len(patches) != CELLS:
                 raise SystemExit(f"the tower gives {len(patches)} patches, not one per cell of the {D.GRID}x{D.GRID} grid")
