@@ -10,8 +10,9 @@
 #             where ours crash, what triggers it, and a workaround the steps after it then run with
 #   tests     the fidelity, backend, cache and demo-model tests, every layer and the vision encoder on the GPU
 #   offload   bench/offload.py: one `llava ask` on the LLaVA-1.5-shaped pair, CPU only against full offload
-#   compare   (only when named in STEPS) bench/compare.py --gpu-layers 99 against a CUDA llama-mtmd-cli
-#             already at bench/out/llama-mtmd-cli (build it from the same sources with -DLLAMA_BUILD_TOOLS=ON)
+#   compare   (only when named in STEPS) bench/compare.py --gpu-layers 99 against a CUDA llama-mtmd-cli:
+#             the one bench/mtmd_cli_shared.sh built into .gpu/mtmd (run on the backend's CUDA libraries),
+#             else one already at bench/out/llama-mtmd-cli
 #
 # A step that passed leaves bench/out/gpu/STEP.done and is skipped the next time, so a run cut short
 # resumes; the build resumes too (backend/build.sh). STEPS="tests offload" runs only those.
@@ -26,7 +27,10 @@ build() {
     if [ -n "${LLAVA_BACKEND_TARBALL:-}" ]; then  # built elsewhere by bench/cuda_wheel.sh
         site=$("$py" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
         rm -rf "$site"/llama_cpp "$site"/llama_cpp_python-*.dist-info
-        tar -xJf "$LLAVA_BACKEND_TARBALL" -C "$site" && "$py" -c "import llama_cpp; print(llama_cpp.__version__)"
+        tar -xJf "$LLAVA_BACKEND_TARBALL" -C "$site" || return 1
+        # The tarball holds no bytecode for this Python: without it every process compiles llama_cpp's
+        # sources again (the H200 image writes no bytecode of its own), half a second per `llava` call.
+        "$py" -m compileall -q "$site/llama_cpp" && "$py" -c "import llama_cpp; print(llama_cpp.__version__)"
     else
         CMAKE_ARGS="-DGGML_CUDA=on ${CMAKE_ARGS:-}" bash backend/build.sh "$py"
     fi
@@ -41,7 +45,14 @@ tests() {
 
 offload() { "$py" bench/offload.py --runs 3; }
 
-compare() { "$py" bench/compare.py --gpu-layers 99 --runs 3; }
+compare() {
+    if [ -e .gpu/mtmd/llama-mtmd-cli ]; then  # bench/mtmd_cli_shared.sh: runs on the backend's CUDA libraries
+        site=$("$py" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+        export LD_LIBRARY_PATH=$PWD/.gpu/mtmd:$site/llama_cpp/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+        mkdir -p bench/out && cp .gpu/mtmd/llama-mtmd-cli bench/out/llama-mtmd-cli
+    fi
+    "$py" bench/compare.py --gpu-layers 99 --runs "${RUNS:-5}"
+}
 
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader

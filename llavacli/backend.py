@@ -21,9 +21,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from gguf import Keys
-
-from llavacli.ggufmeta import FEATURE_LAYER_KEY, GGUFInfo
+from llavacli.ggufmeta import CLIP_BLOCK_COUNT_KEY, CLIP_HAS_LLAVA_PROJECTOR_KEY, FEATURE_LAYER_KEY, GGUFInfo
 
 PATCHED_SUFFIX = "+llava.clsfix"
 FIX_HINT = (
@@ -78,7 +76,7 @@ def quiet_llama_logs():
 
 def last_error() -> str:
     """The last error (else warning) llama.cpp logged, on one line, for our own error messages."""
-    for wanted in (3, 2):  # GGML_LOG_LEVEL_ERROR, then WARN
+    for wanted in (4, 3):  # GGML_LOG_LEVEL_ERROR, then WARN (ggml.h)
         for level, line in reversed(_log_lines):
             if level == wanted and line.strip():
                 return line.strip().splitlines()[0]
@@ -130,12 +128,12 @@ def runnable_mmproj(info: GGUFInfo) -> Path:
     stops one layer early again. Setting clip.vision.feature_layer to the stored layer count makes it run
     every stored layer: the hidden state LLaVA uses. The fixed copy is made once and cached.
     """
-    legacy = info.get(Keys.Clip.HAS_LLAVA_PROJECTOR) and info.get(FEATURE_LAYER_KEY) is None
+    legacy = info.get(CLIP_HAS_LLAVA_PROJECTOR_KEY) and info.get(FEATURE_LAYER_KEY) is None
     if not legacy:
         return info.path
     from llavacli.legacy import with_feature_layer
 
-    return with_feature_layer(info, int(info.get(Keys.ClipVision.BLOCK_COUNT)), cache_dir() / "mmproj")
+    return with_feature_layer(info, int(info.get(CLIP_BLOCK_COUNT_KEY)), cache_dir() / "mmproj")
 
 
 # -- conformance ---------------------------------------------------------------------------------------

@@ -226,12 +226,12 @@ def convert(
 
     from convert import OUTTYPES
     from convert import convert as run_convert
-    from llavacli.runtime import stderr
+    from llavacli.runtime import stderr_console
 
     if outtype not in OUTTYPES:
         raise clickx.BadParameter(f"{outtype!r} is not one of {', '.join(OUTTYPES)}", param_hint="--outtype")
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=stderr, transient=False, disable=not sys.stderr.isatty()) as progress:
+    with Progress(*columns, console=stderr_console(), transient=False, disable=not sys.stderr.isatty()) as progress:
         outputs = run_convert(src, out_dir, outtype, vision_tower=vision_tower, name=name, force=force, progress=progress)
     print(outputs.text)
     print(outputs.mmproj)
@@ -271,7 +271,7 @@ def eval_(
 
     from llavacli.cache import open_cache
     from llavacli.eval import default_output, read_questions, run_eval, summary_table
-    from llavacli.runtime import open_engine, pick_template, stderr
+    from llavacli.runtime import open_engine, pick_template, stderr_console
 
     records = read_questions(questions, limit)
     out = out or default_output(questions, model)
@@ -282,7 +282,7 @@ def eval_(
     engine = open_engine(_model_options(model, mmproj, ctx_size, threads, gpu_layers, no_vision_offload, verbose))
     columns = (TextColumn("answering"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     try:
-        with Progress(*columns, console=stderr, transient=True, disable=not sys.stderr.isatty()) as bar:
+        with Progress(*columns, console=stderr_console(), transient=True, disable=not sys.stderr.isatty()) as bar:
             task = bar.add_task("", total=len(records))
             summary = run_eval(
                 engine,

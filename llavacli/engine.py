@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from gguf import Keys
 from PIL import Image
 
 from llavacli import backend
 from llavacli.errors import BackendError, InputError, ModelError
 from llavacli.ggufmeta import (
+    CLIP_IMAGE_SIZE_KEY,
     IMAGE_MODE_KEY,
     TEMPLATE_KEY,
     mmproj_output_length,
@@ -72,7 +72,7 @@ class Engine:
         self.model_path, self.mmproj_path = Path(model), Path(mmproj)
         self.n_gpu_layers, self.vision_offload = n_gpu_layers, bool(vision_offload and n_gpu_layers != 0)
         self.template_name = text_info.get(TEMPLATE_KEY) or DEFAULT_TEMPLATE
-        self.image_size = int(proj_info.get(Keys.ClipVision.IMAGE_SIZE))
+        self.image_size = int(proj_info.get(CLIP_IMAGE_SIZE_KEY))
         self.image_mode = proj_info.get(IMAGE_MODE_KEY) or PAD
         mmproj_to_load = backend.runnable_mmproj(proj_info)
 

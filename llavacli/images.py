@@ -12,12 +12,9 @@ InputError that names the source, before the model is loaded.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import io
 import os
 import sys
-import urllib.error
-import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,6 +212,10 @@ def _read_stdin(stream: BinaryIO) -> bytes:
 
 
 def _fetch(url: str, timeout: float) -> bytes:
+    import http.client  # here, not at the top: most images are files, and these imports cost 20 ms
+    import urllib.error
+    import urllib.request
+
     where = f"image {url}"
     request = urllib.request.Request(url, headers={"User-Agent": "llava-cli"})
     try:

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from rich.console import Console
-
 from llavacli.errors import InputError
 from llavacli.prompts import Template, get_template
 
-stderr = Console(stderr=True, highlight=False)
+
+@functools.cache
+def stderr_console():
+    """rich's console on stderr, made on first use: importing rich costs every command 30 ms."""
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
 
 
 @dataclass
@@ -40,7 +45,7 @@ def parse_gpu_layers(value: str) -> int:
 
 
 def warn(message: str) -> None:
-    stderr.print(f"[yellow]llava: warning:[/] {message}", soft_wrap=True)
+    stderr_console().print(f"[yellow]llava: warning:[/] {message}", soft_wrap=True)
 
 
 @contextlib.contextmanager
