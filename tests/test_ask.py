@@ -38,6 +38,21 @@ def test_ask_streams_the_answer_and_nothing_else_to_stdout(pair, images):
     assert "llama_model_loader" not in proc.stderr and "clip_model_loader" not in proc.stderr
 
 
+def test_answering_imports_neither_torch_nor_the_converters_libraries(pair, images):
+    """The runtime must not import torch; gguf-py and rich cost every answer 0.1 s of start-up, and
+    llama.cpp reads the GGUF headers itself (ggufmeta)."""
+    script = (
+        "import sys\n"
+        "from llavacli.cli import main\n"
+        f"rc = main(['ask', {str(images['square'])!r}, 'hi', '-m', {str(pair[0])!r}, '-n', '4'])\n"
+        "heavy = sorted({'torch', 'transformers', 'gguf', 'rich', 'yaml', 'urllib.request'} & set(sys.modules))\n"
+        "print('rc', rc, 'imported', heavy, file=sys.stderr)\n"
+    )
+    proc = subprocess.run([str(LLAVA.parent / "python"), "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip(), proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "rc 0 imported []"
+
+
 def test_verbose_shows_llama_cpp_log_on_stderr(pair, images):
     proc = run_llava("ask", images["wide"], PROMPT, "-m", pair[0], "-n", "2", "-v")
     assert proc.returncode == 0
