@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,16 +115,15 @@ def read_gguf(path: Path, role: str = "model") -> GGUFInfo:
         raise ModelError(f"{role} {path}: not a GGUF file")
     lib = _ggml()
     with quiet_llama_logs():
-        ctx = lib.gguf_init_from_file(str(path).encode(), _InitParams(True, None))
+        ctx = lib.gguf_init_from_file(os.fsencode(path), _InitParams(True, None))
     if not ctx:
         raise ModelError(f"{role} {path}: damaged GGUF file ({last_error()})")
     try:
         fields = {lib.gguf_get_key(ctx, i).decode("utf-8", errors="replace"): _value(lib, ctx, i)
                   for i in range(lib.gguf_get_n_kv(ctx))}
-        tensors = range(lib.gguf_get_n_tensors(ctx))
-        expected = max((lib.gguf_get_tensor_offset(ctx, i) + lib.gguf_get_tensor_size(ctx, i) for i in tensors),
-                       default=None)
-        expected = 0 if expected is None else lib.gguf_get_data_offset(ctx) + expected
+        ends = [lib.gguf_get_tensor_offset(ctx, i) + lib.gguf_get_tensor_size(ctx, i)
+                for i in range(lib.gguf_get_n_tensors(ctx))]
+        expected = lib.gguf_get_data_offset(ctx) + max(ends) if ends else 0
     finally:
         lib.gguf_free(ctx)
     if path.stat().st_size < expected:
