@@ -36,10 +36,12 @@ def entries(cache_dir) -> list:
 
 def test_second_question_skips_the_vision_encoder_and_the_prefix(pair, images, tmp_path):
     first = ask(pair, tmp_path, images["wide"], PROMPT, "--json", "-v")
+    assert "clip_model_loader" in first.stderr
     assert "clip_encode" in first.stderr and "decoding image batch" in first.stderr
     assert sorted(p.suffix for p in entries(tmp_path)) == [".emb", ".state"]
 
     second = ask(pair, tmp_path, images["wide"], "Another question?", "--json", "-v")
+    assert "clip_model_loader" not in second.stderr, "the vision model was loaded, though nothing needed it"
     assert "clip_encode" not in second.stderr, "the vision encoder ran again"
     assert "decoding image batch" not in second.stderr, "the image was evaluated again"
     assert len(entries(tmp_path)) == 2
