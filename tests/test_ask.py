@@ -237,3 +237,22 @@ def test_version():
     from importlib.metadata import version
 
     assert proc.stdout.strip() == f"llava {version('llava-cli')}"
+
+
+@pytest.mark.parametrize("at_start", [True, False])
+def test_text_is_tokenized_as_libmtmd_tokenizes_it(pair, at_start):
+    """Text without images skips libmtmd (so the vision model need not load); the tokens must be the ones
+    mtmd_tokenize gives, BOS at the start and special tokens such as "</s>" included."""
+    t = get_template("vicuna_v1")
+    texts = [t.opening(), t.question(PROMPT, 0), " A circle.</s>USER: and <s> then? ASSISTANT:", "", "  ünïcödé ✓"]
+    with Engine(*pair, n_ctx=512) as engine:
+        ours = [engine.tokens_of(text, at_start) for text in texts]
+        assert engine._mctx is None, "tokenizing text loaded the vision model"
+        for text, tokens in zip(texts, ours):
+            chunks = engine._tokenize(text, [], at_start)
+            try:
+                assert tokens == [tok for _, toks in engine._chunks(chunks) for tok in toks or []], text
+            finally:
+                engine._mtmd.mtmd_input_chunks_free(chunks)
+        bos = engine.llama.token_bos()
+    assert (ours[0][0] == bos) == at_start
