@@ -10,7 +10,7 @@
 #             where ours crash, what triggers it, and a workaround the steps after it then run with
 #   tests     the fidelity, backend, cache and demo-model tests, every layer and the vision encoder on the GPU
 #   offload   bench/offload.py: one `llava ask` on the LLaVA-1.5-shaped pair, CPU only against full offload
-#   compare   (only when named in STEPS) bench/compare.py --gpu-layers 99 against a CUDA llama-mtmd-cli:
+#   compare   (only when named in STEPS; RUNS=N, default 5) bench/compare.py --gpu-layers 99 against a CUDA llama-mtmd-cli:
 #             the one bench/mtmd_cli_shared.sh built into .gpu/mtmd (run on the backend's CUDA libraries),
 #             else one already at bench/out/llama-mtmd-cli
 #
