@@ -56,7 +56,7 @@ class _InitParams(ctypes.Structure):
 
 
 @functools.cache
-def _ggml():
+def _gguf_functions():
     # The gguf_* functions live in libggml-base, which libllama links. Looking them up through libllama's
     # handle finds that very copy: pip installs the library's links as copies, and loading
     # libggml-base.so by path would map a second one whose logger llama_log_set never reaches.
@@ -113,7 +113,7 @@ def read_gguf(path: Path, role: str = "model") -> GGUFInfo:
         magic = f.read(4)
     if magic != b"GGUF":
         raise ModelError(f"{role} {path}: not a GGUF file")
-    lib = _ggml()
+    lib = _gguf_functions()
     with quiet_llama_logs():
         ctx = lib.gguf_init_from_file(os.fsencode(path), _InitParams(True, None))
     if not ctx:

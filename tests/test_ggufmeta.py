@@ -7,11 +7,11 @@ import gguf
 import pytest
 
 from llavacli import ggufmeta
-from llavacli.backend import CONFORMANCE_DIR
+from llavacli.backend import CONFORMANCE_DIR, DATA
 from llavacli.errors import ModelError
 from llavacli.ggufmeta import read_gguf
 
-DEMO = ggufmeta.Path(ggufmeta.__file__).parent / "data" / "demo"
+DEMO = DATA / "demo"
 SHIPPED = [DEMO / "demo.gguf", DEMO / "demo.mmproj.gguf", CONFORMANCE_DIR / "tiny.gguf", CONFORMANCE_DIR / "tiny.mmproj.gguf"]
 
 
