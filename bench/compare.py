@@ -8,7 +8,7 @@ Builds (once, cached under bench/out/) the model pair with `llava convert --outt
 `llama-mtmd-cli` from the same llama.cpp source as the installed llama-cpp-python (its sdist with
 backend/llava-cls-first.patch). Every row is the median of --runs runs, ours and theirs alternated,
 with the same prompt text (system prompt included), greedy decoding, the same threads, token count,
-context, batch sizes, offload and flash attention (off on the CPU, on with layers on a GPU). `llava`
+context, batch sizes, offload and flash attention (on: llama-mtmd-cli's default and `llava ask`'s). `llava`
 starts each measured run with a fresh, empty LLAVA_CACHE, as on a first question. Prints the table, then
 the same as Markdown for a README.
 Never run by the tests.
@@ -185,13 +185,14 @@ class Bench:
         """llama-mtmd-cli set up as our engine is: the same prompt, context, batch sizes and threads.
 
         --jinja with RAW_TEMPLATE passes -p through unchanged, so both tokenize the same text (a -sys message
-        would be tokenized on its own, one token longer). -fa as our engine sets it: off on the CPU (faster
-        there), on where layers go to a GPU. -lv 4 lets llama.cpp's timings through.
+        would be tokenized on its own, one token longer). -fa on: what its default, auto, picks on a CPU and a
+        GPU alike, and what `llava ask` uses (`llava chat` keeps it off on a CPU; its row compares llava with
+        itself). -lv 4 lets llama.cpp's timings through.
         """
         return [str(self.mtmd), "-m", str(self.text), "--mmproj", str(self.proj), "--image", str(image),
                 "-p", prompt_text(question).replace(IMAGE, MEDIA_MARKER), "--jinja", "--chat-template", RAW_TEMPLATE,
                 "-n", str(self.n), "--temp", "0", "-t", str(self.threads), "-tb", str(self.threads),
-                "-c", str(N_CTX), "-b", str(N_BATCH), "-ub", str(N_BATCH), "-fa", "on" if self.gpu_layers else "off",
+                "-c", str(N_CTX), "-b", str(N_BATCH), "-ub", str(N_BATCH), "-fa", "on",
                 "--no-warmup", "-ngl", str(self.gpu_layers), "-lv", "4"]
 
     @contextlib.contextmanager
@@ -247,8 +248,10 @@ def our_decode(b: Bench, image: Path) -> tuple[float, float, int]:
     import llama_cpp
 
     from llavacli.engine import Engine, Sampling, Usage
+    from llavacli.runtime import flash_attn_setting
 
-    with Engine(b.text, b.proj, n_ctx=N_CTX, n_threads=b.threads, n_gpu_layers=b.gpu_layers) as engine:
+    fa = flash_attn_setting("auto", chat=False)  # as `llava ask` runs
+    with Engine(b.text, b.proj, n_ctx=N_CTX, n_threads=b.threads, n_gpu_layers=b.gpu_layers, flash_attn=fa) as engine:
         engine.feed(prompt_text(QUESTIONS[0]), [Image.open(image)])
         n_prompt = engine.n_past
         before = llama_cpp.llama_perf_context(engine.llama.ctx)
@@ -368,9 +371,8 @@ def preamble(b: Bench, runs: int, prompt_tokens: tuple[int, int], load: float) -
         "llava starts each run with a fresh LLAVA_CACHE (cold, as on a first question)",
         f"both: {f'{b.gpu_layers} layers offloaded' if b.gpu_layers else 'CPU only'}, {b.threads} threads, "
         f"context {N_CTX}, batch and ubatch {N_BATCH}, greedy, {b.n} tokens, the same prompt text ({ours} tokens for llava, {theirs} for llama-mtmd-cli)",
-        f"flash attention: {'on' if b.gpu_layers else 'off'} in the LLM for both (our engine's choice; llama-mtmd-cli "
-        f"-fa {'on' if b.gpu_layers else 'off'}); in the vision encoder libmtmd's default, auto, for llava, and the same "
-        "-fa for llama-mtmd-cli (it covers both)",
+        "flash attention: on in the LLM and the vision encoder for both (llama-mtmd-cli -fa on, its default auto's "
+        "choice; `llava ask`'s --flash-attn auto); `llava chat` keeps it off in the LLM on a CPU",
         f"machine: {os.cpu_count()} CPUs, load average {load:.2f} when the bench started",
     ]
 

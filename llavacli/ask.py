@@ -72,22 +72,49 @@ def start_from_image(engine: Engine, template_name: str, before: str, image: Loa
             state, n_past, n_text = saved
             if engine.load_state(state, n_past, (before, n_text)):
                 return
+    embd = cached_embeddings(engine, image, cache)
+    if embd is None:
+        engine.preload_vision()  # loads beside the LLM's pass over the text before the image
     n_text = engine.start_with(before)
-    embd = image_embeddings(engine, image, cache)
+    if embd is None:
+        embd = image_embeddings(engine, image, cache)
     engine.feed(IMAGE, [image.image], [embd])
     if skey is not None:
         cache.put_state(skey, engine.save_state(), engine.n_past, n_text)
 
 
+def vision_first(template: str | None, system: str | None, prompt: str, image: LoadedImage | None, cache: Cache | None):
+    """Engine's vision_first for one question about `image` (None: several images, whose batch plan measures
+    an image at once): the vision model is needed unless the cache holds the image's state or embeddings."""
+
+    def needed(engine: Engine) -> bool:
+        if image is None or cache is None or not cache.enabled:
+            return True
+        from llavacli.runtime import pick_template
+
+        t = pick_template(template, engine)
+        text = t.opening(system) + t.question(prompt, 1)
+        before = text[: text.index(IMAGE)]
+        keys = (("state", state_key(engine, image.sha256, t.name, before)), ("emb", embeddings_key(engine, image.sha256)))
+        return not any(cache.has(kind, key) for kind, key in keys)
+
+    return needed
+
+
+def cached_embeddings(engine: Engine, image: LoadedImage, cache: Cache | None):
+    """The image's projected embeddings if the cache has them, else None."""
+    if cache is None or not cache.enabled:
+        return None
+    return cache.get_embeddings(embeddings_key(engine, image.sha256))
+
+
 def image_embeddings(engine: Engine, image: LoadedImage, cache: Cache | None):
     """The image's projected embeddings, from the cache when it has them."""
-    if cache is None or not cache.enabled:
-        return engine.image_embeddings(image.image)
-    key = embeddings_key(engine, image.sha256)
-    embd = cache.get_embeddings(key)
+    embd = cached_embeddings(engine, image, cache)
     if embd is None:
         embd = engine.image_embeddings(image.image)
-        cache.put_embeddings(key, embd)
+        if cache is not None and cache.enabled:
+            cache.put_embeddings(embeddings_key(engine, image.sha256), embd)
     return embd
 
 

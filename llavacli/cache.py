@@ -109,6 +109,10 @@ class Cache:
             os.utime(path)  # least recently used is judged by mtime
         return payload
 
+    def has(self, kind: str, key: str) -> bool:
+        """Whether an entry is there (not whether it is intact: get() checks that)."""
+        return self.enabled and self._path(kind, key).is_file()
+
     def put(self, kind: str, key: str, *parts: bytes) -> None:
         """Store the payload made of parts, written one after the other (a state is tens of MB: no joining)."""
         if not self.enabled:
@@ -263,6 +267,7 @@ def embeddings_key(engine, image_sha256: str) -> str:
             "mmproj": file_fingerprint(engine.mmproj_path),
             "preprocess": [engine.image_size, engine.image_mode],
             "vision_gpu": engine.vision_offload,
+            "vision_flash_attn": True,  # Engine._load_vision; entries encoded without it are recomputed
         }
     )
 
@@ -274,8 +279,9 @@ def state_key(engine, image_sha256: str, template_name: str, prefix_text: str) -
             "model": file_fingerprint(engine.model_path),
             "template": template_name,
             "prefix": prefix_text,  # the system prompt and the template's text before the image
-            "n_batch": engine.llama.n_batch,
+            "n_batch": engine.n_batch,
             "gpu_layers": engine.n_gpu_layers,
+            "flash_attn": engine.flash_attn,  # llama.cpp lays the V cache out differently with it
             "llama_cpp": backend_version(),
         }
     )

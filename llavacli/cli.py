@@ -68,15 +68,24 @@ def _check_gpu_layers(value: str) -> str:
 
 
 GpuLayersOpt = typer.Option("auto", "--gpu-layers", callback=_check_gpu_layers, help="LLM layers to offload to the GPU: auto (all that the build can), a number, or 0 for CPU only.")
+def _check_flash_attn(value: str) -> str:
+    from llavacli.runtime import FLASH_ATTN
+
+    if value not in FLASH_ATTN:
+        raise clickx.BadParameter(f"must be auto, on or off, not {value!r}", param_hint="--flash-attn")
+    return value
+
+
+FlashAttnOpt = typer.Option("auto", "--flash-attn", callback=_check_flash_attn, help="Flash attention in the LLM: on, off, or auto (on with a GPU; on a CPU, on for ask and eval, where it evaluates the image faster, and off for chat, where it decodes long conversations slower).")
 NoVisionOffloadOpt = typer.Option(False, "--no-vision-offload", help="Run the vision encoder on the CPU even when a GPU is available.")
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Show llama.cpp's log on stderr.")
 NoCacheOpt = typer.Option(False, "--no-cache", help="Neither read nor write the image cache (see `llava cache info`).")
 
 
-def _model_options(model, mmproj, ctx_size, threads, gpu_layers, no_vision_offload, verbose):
+def _model_options(model, mmproj, ctx_size, threads, gpu_layers, flash_attn, no_vision_offload, verbose):
     from llavacli.runtime import ModelOptions
 
-    return ModelOptions(model, mmproj, ctx_size, threads, gpu_layers, not no_vision_offload, verbose)
+    return ModelOptions(model, mmproj, ctx_size, threads, gpu_layers, not no_vision_offload, verbose, flash_attn)
 
 
 def _read_schema(schema: str) -> str:
@@ -112,6 +121,7 @@ def ask(
     ctx_size: int = CtxOpt,
     threads: Optional[int] = ThreadsOpt,
     gpu_layers: str = GpuLayersOpt,
+    flash_attn: str = FlashAttnOpt,
     no_vision_offload: bool = NoVisionOffloadOpt,
     no_cache: bool = NoCacheOpt,
     parallel: Optional[int] = typer.Option(None, "--parallel", min=1, metavar="N", help="With several images, decode N answers together in one batch. Default: as many as --ctx-size holds, up to 8; 1 answers one image at a time.", show_default=False),
@@ -125,7 +135,7 @@ def ask(
     curl -s https://example.com/cat.png | llava ask - "What is this?"
     find . -name '*.png' | llava ask --images-from - "Is there text in this image?"
     """
-    from llavacli.ask import run_ask
+    from llavacli.ask import run_ask, vision_first
     from llavacli.cache import open_cache
     from llavacli.engine import Sampling
     from llavacli.images import load_image, read_image_list
@@ -150,7 +160,9 @@ def ask(
             loaders = [lambda: image]
         else:
             loaders = [lambda s=s: load_image(s) for s in sources]
-    engine = open_engine(_model_options(model, mmproj, ctx_size, threads, gpu_layers, no_vision_offload, verbose))
+    cache = open_cache(enabled=not no_cache)
+    first = vision_first(template, system, prompt, None if labelled else image, cache) if sources else None
+    engine = open_engine(_model_options(model, mmproj, ctx_size, threads, gpu_layers, flash_attn, no_vision_offload, verbose), vision_first=first)
     try:
         failures = run_ask(
             engine,
@@ -162,7 +174,7 @@ def ask(
             as_json=as_json,
             labelled=labelled,
             report_error=lambda msg: print(f"llava: error: {msg}", file=sys.stderr),
-            cache=open_cache(enabled=not no_cache),
+            cache=cache,
             parallel=parallel,
         )
     finally:
@@ -185,6 +197,7 @@ def chat(
     ctx_size: int = CtxOpt,
     threads: Optional[int] = ThreadsOpt,
     gpu_layers: str = GpuLayersOpt,
+    flash_attn: str = FlashAttnOpt,
     no_vision_offload: bool = NoVisionOffloadOpt,
     timings: bool = typer.Option(False, "--timings", help="After each answer, print its tokens and seconds on stderr."),
     no_cache: bool = NoCacheOpt,
@@ -195,16 +208,18 @@ def chat(
     Each turn evaluates only its own new tokens: the image and the earlier turns stay in llama.cpp's cache.
     Without a terminal, turns are read line by line from stdin.
     """
-    from llavacli.cache import open_cache
+    from llavacli.cache import embeddings_key, open_cache
     from llavacli.chat import ChatSession
     from llavacli.engine import Sampling
     from llavacli.images import load_image
     from llavacli.runtime import open_engine, pick_template
 
     loaded = [load_image(s) for s in images or []]
-    engine = open_engine(_model_options(model, mmproj, ctx_size, threads, gpu_layers, no_vision_offload, verbose))
+    cache = open_cache(enabled=not no_cache)
+    first = (lambda e: not cache.has("emb", embeddings_key(e, loaded[0].sha256))) if loaded else None
+    engine = open_engine(_model_options(model, mmproj, ctx_size, threads, gpu_layers, flash_attn, no_vision_offload, verbose), chat=True, vision_first=first)
     try:
-        session = ChatSession(engine, pick_template(template, engine), Sampling(temperature, top_p, seed, max_tokens), system, timings, open_cache(enabled=not no_cache))
+        session = ChatSession(engine, pick_template(template, engine), Sampling(temperature, top_p, seed, max_tokens), system, timings, cache)
         for image in loaded:
             session.add_image(image)
         session.run()
@@ -252,6 +267,7 @@ def eval_(
     ctx_size: int = typer.Option(2048, "--ctx-size", "-c", min=64, help="Context length in tokens."),
     threads: Optional[int] = ThreadsOpt,
     gpu_layers: str = GpuLayersOpt,
+    flash_attn: str = FlashAttnOpt,
     no_vision_offload: bool = NoVisionOffloadOpt,
     no_cache: bool = NoCacheOpt,
     verbose: bool = VerboseOpt,
@@ -279,7 +295,8 @@ def eval_(
         raise InputError(f"{out} exists; pass --force to replace it or --out to write elsewhere")
     if not out.parent.is_dir():
         raise InputError(f"{out.parent}: no such directory for --out")
-    engine = open_engine(_model_options(model, mmproj, ctx_size, threads, gpu_layers, no_vision_offload, verbose))
+    with_images = any(r.get("image") for r in records)
+    engine = open_engine(_model_options(model, mmproj, ctx_size, threads, gpu_layers, flash_attn, no_vision_offload, verbose), vision_first=lambda _: with_images)
     columns = (TextColumn("answering"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     try:
         with Progress(*columns, console=stderr_console(), transient=True, disable=not sys.stderr.isatty()) as bar:

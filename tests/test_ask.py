@@ -60,6 +60,19 @@ def test_verbose_shows_llama_cpp_log_on_stderr(pair, images):
     assert "llama_model_loader" not in proc.stdout
 
 
+def test_the_vision_model_loads_beside_the_llm_and_answers_as_when_loaded_after_it(pair, images):
+    """A first question loads the mmproj on the LLM file opened vocabulary-only, while the LLM loads; the
+    answer is the one of an engine that loads it later on the full LLM."""
+    proc = run_llava("ask", images["wide"], PROMPT, "-m", pair[0], "-n", "12", "--flash-attn", "off", "--no-cache", "-v")
+    assert proc.returncode == 0, proc.stderr
+    assert "vocab only" in proc.stderr, "the vision model was not loaded beside the LLM"
+    t = get_template("vicuna_v1")
+    with Engine(*pair, n_ctx=4096, flash_attn=False) as engine:
+        engine.feed(t.opening() + t.question(PROMPT, 1), [Image.open(images["wide"])])
+        want = "".join(engine.generate(Sampling(max_tokens=12)))
+    assert proc.stdout.strip() == want.strip()
+
+
 def test_mmproj_is_found_beside_the_model(pair, images):
     explicit = run_llava("ask", images["square"], PROMPT, "-m", pair[0], "--mmproj", pair[1], "-n", "8")
     implicit = run_llava("ask", images["square"], PROMPT, "-m", pair[0], "-n", "8")
@@ -220,7 +233,7 @@ def test_an_unreachable_url_is_a_clear_error(pair):
     _one_line_error(run_llava("ask", "http://127.0.0.1:9/cat.png", PROMPT, "-m", pair[0]), 1, "127.0.0.1:9")
 
 
-@pytest.mark.parametrize("args", [["--temperature", "-1"], ["--bogus"], ["--gpu-layers", "many"]])
+@pytest.mark.parametrize("args", [["--temperature", "-1"], ["--bogus"], ["--gpu-layers", "many"], ["--flash-attn", "maybe"]])
 def test_usage_errors_exit_2(pair, images, args):
     _one_line_error(run_llava("ask", images["square"], PROMPT, "-m", pair[0], *args), 2, args[0])
 

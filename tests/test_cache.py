@@ -42,6 +42,7 @@ def test_second_question_skips_the_vision_encoder_and_the_prefix(pair, images, t
 
     second = ask(pair, tmp_path, images["wide"], "Another question?", "--json", "-v")
     assert "clip_model_loader" not in second.stderr, "the vision model was loaded, though nothing needed it"
+    assert "vocab only" in first.stderr and "vocab only" not in second.stderr  # Engine's vision_first
     assert "clip_encode" not in second.stderr, "the vision encoder ran again"
     assert "decoding image batch" not in second.stderr, "the image was evaluated again"
     assert len(entries(tmp_path)) == 2
@@ -59,6 +60,19 @@ def test_a_cached_answer_equals_an_uncached_one_token_for_token(pair, images, tm
         answers = [{k: v for k, v in json.loads(p.stdout).items() if k != "seconds"} for p in (cached, uncached)]
         assert answers[0] == answers[1]
     assert not (tmp_path / "none" / "entries").exists(), "--no-cache wrote to the cache"
+
+
+def test_the_prompt_state_is_kept_apart_per_flash_attention_setting(pair, images, tmp_path):
+    """llama.cpp lays the V cache out differently with flash attention, so each setting has its own state;
+    the image embeddings (the vision encoder's work) serve both."""
+    ask(pair, tmp_path, images["wide"], PROMPT, "--flash-attn", "on", n=1)
+    other = ask(pair, tmp_path, images["wide"], PROMPT, "--flash-attn", "off", "--json", "-v", n=24)
+    assert "clip_encode" not in other.stderr, "the embeddings were not reused"
+    assert "decoding image batch" in other.stderr, "a state saved with flash attention on was used with it off"
+    assert sorted(p.suffix for p in entries(tmp_path)) == [".emb", ".state", ".state"]
+    uncached = ask(pair, tmp_path / "none", images["wide"], PROMPT, "--flash-attn", "off", "--json", "--no-cache", n=24)
+    answers = [{k: v for k, v in json.loads(p.stdout).items() if k != "seconds"} for p in (other, uncached)]
+    assert answers[0] == answers[1]
 
 
 def test_a_truncated_entry_is_detected_and_recomputed(pair, images, tmp_path):
