@@ -1,6 +1,6 @@
 """Fidelity of each --outtype against transformers, on a tiny random LLaVA-1.5 built here.
 
-    .venv/bin/python bench/fidelity.py [--kind hf15|orig15|orig1]
+    .venv/bin/python bench/fidelity.py [--kind hf15|orig15|orig1] [--flash-attn auto|on|off]
 
 Prints, per outtype: image-embedding cosine (mean/min) to LlavaForConditionalGeneration's features,
 next-token logit cosine and argmax agreement, and how many of 16 greedy tokens match.
@@ -25,6 +25,8 @@ from llavacli.prompts import get_template  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kind", default="hf15", choices=["hf15", "orig15", "orig1"])
+    parser.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto",
+                        help="flash attention in the LLM: on as `llava ask` runs; auto, the engine's default: on with a GPU")
     args = parser.parse_args()
     t = get_template("vicuna_v1")
     prompt = t.opening() + t.question("What shape is in the picture?", 1)
@@ -37,7 +39,7 @@ def main() -> None:
         want_tokens = ref.greedy(prompt, img, 16)
         print(f"{'outtype':8} {'emb mean cos':>13} {'emb min cos':>12} {'logit cos':>11} {'argmax':>7} {'greedy 16':>9}")
         for outtype in ("f32", "f16", "q8_0", "q4_k_m"):
-            with Engine(*ckpts.gguf(args.kind, outtype), n_ctx=2048) as engine:
+            with Engine(*ckpts.gguf(args.kind, outtype), n_ctx=2048, flash_attn={"on": True, "off": False}.get(args.flash_attn)) as engine:
                 cos = reference.cosines(engine.image_embeddings(img), want_feat)
                 engine.feed(prompt, [img])
                 logits = engine.logits()[: len(want_logits)]

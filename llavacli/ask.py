@@ -77,7 +77,7 @@ def start_from_image(engine: Engine, template_name: str, before: str, image: Loa
         engine.preload_vision()  # loads beside the LLM's pass over the text before the image
     n_text = engine.start_with(before)
     if embd is None:
-        embd = image_embeddings(engine, image, cache)
+        embd = encode_and_keep(engine, image, cache)
     engine.feed(IMAGE, [image.image], [embd])
     if skey is not None:
         cache.put_state(skey, engine.save_state(), engine.n_past, n_text)
@@ -108,14 +108,18 @@ def cached_embeddings(engine: Engine, image: LoadedImage, cache: Cache | None):
     return cache.get_embeddings(embeddings_key(engine, image.sha256))
 
 
+def encode_and_keep(engine: Engine, image: LoadedImage, cache: Cache | None):
+    """The vision encoder's embeddings of the image, stored in the cache for next time."""
+    embd = engine.image_embeddings(image.image)
+    if cache is not None and cache.enabled:
+        cache.put_embeddings(embeddings_key(engine, image.sha256), embd)
+    return embd
+
+
 def image_embeddings(engine: Engine, image: LoadedImage, cache: Cache | None):
     """The image's projected embeddings, from the cache when it has them."""
     embd = cached_embeddings(engine, image, cache)
-    if embd is None:
-        embd = engine.image_embeddings(image.image)
-        if cache is not None and cache.enabled:
-            cache.put_embeddings(embeddings_key(engine, image.sha256), embd)
-    return embd
+    return embd if embd is not None else encode_and_keep(engine, image, cache)
 
 
 def run_ask(
