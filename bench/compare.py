@@ -250,7 +250,7 @@ def our_decode(b: Bench, image: Path) -> tuple[float, float, int]:
     from llavacli.engine import Engine, Sampling, Usage
     from llavacli.runtime import flash_attn_setting
 
-    fa = flash_attn_setting("auto", chat=False)  # as `llava ask` runs
+    fa = flash_attn_setting("auto", True)  # as `llava ask` runs
     with Engine(b.text, b.proj, n_ctx=N_CTX, n_threads=b.threads, n_gpu_layers=b.gpu_layers, flash_attn=fa) as engine:
         engine.feed(prompt_text(QUESTIONS[0]), [Image.open(image)])
         n_prompt = engine.n_past

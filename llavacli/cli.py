@@ -57,26 +57,37 @@ SeedOpt = typer.Option(0, "--seed", help="Random seed: the same seed and options
 MaxTokensOpt = typer.Option(512, "--max-tokens", "-n", min=1, help="Most tokens to generate per answer.")
 CtxOpt = typer.Option(4096, "--ctx-size", "-c", min=64, help="Context length in tokens (image tokens count: 576 per LLaVA-1.5 image).")
 ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads. Default: all cores.", show_default=False)
+
+
+def _bad_parameter(error: InputError, option: str) -> clickx.BadParameter:
+    """click names the option itself: "Invalid value for --x: must be ..."."""
+    return clickx.BadParameter(str(error).removeprefix(f"{option} "), param_hint=option)
+
+
 def _check_gpu_layers(value: str) -> str:
     from llavacli.runtime import parse_gpu_layers
 
     try:
         parse_gpu_layers(value)
     except InputError as e:
-        raise clickx.BadParameter(str(e).split(": ", 1)[-1], param_hint="--gpu-layers") from None
+        raise _bad_parameter(e, "--gpu-layers") from None
     return value
 
 
 GpuLayersOpt = typer.Option("auto", "--gpu-layers", callback=_check_gpu_layers, help="LLM layers to offload to the GPU: auto (all that the build can), a number, or 0 for CPU only.")
-def _check_flash_attn(value: str) -> str:
-    from llavacli.runtime import FLASH_ATTN
 
-    if value not in FLASH_ATTN:
-        raise clickx.BadParameter(f"must be auto, on or off, not {value!r}", param_hint="--flash-attn")
+
+def _check_flash_attn(value: str) -> str:
+    from llavacli.runtime import flash_attn_setting
+
+    try:
+        flash_attn_setting(value)
+    except InputError as e:
+        raise _bad_parameter(e, "--flash-attn") from None
     return value
 
 
-FlashAttnOpt = typer.Option("auto", "--flash-attn", callback=_check_flash_attn, help="Flash attention in the LLM: on, off, or auto (on with a GPU; on a CPU, on for ask and eval, where it evaluates the image faster, and off for chat, where it decodes long conversations slower).")
+FlashAttnOpt = typer.Option("auto", "--flash-attn", callback=_check_flash_attn, help="Flash attention in the LLM: on, off, or auto (on with a GPU; on a CPU, on for ask, where it evaluates the image faster, and off for chat and eval: it decodes long conversations slower and rounds in f16).")
 NoVisionOffloadOpt = typer.Option(False, "--no-vision-offload", help="Run the vision encoder on the CPU even when a GPU is available.")
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Show llama.cpp's log on stderr.")
 NoCacheOpt = typer.Option(False, "--no-cache", help="Neither read nor write the image cache (see `llava cache info`).")
@@ -162,7 +173,7 @@ def ask(
             loaders = [lambda s=s: load_image(s) for s in sources]
     cache = open_cache(enabled=not no_cache)
     first = vision_first(template, system, prompt, None if labelled else image, cache) if sources else None
-    engine = open_engine(_model_options(model, mmproj, ctx_size, threads, gpu_layers, flash_attn, no_vision_offload, verbose), vision_first=first)
+    engine = open_engine(_model_options(model, mmproj, ctx_size, threads, gpu_layers, flash_attn, no_vision_offload, verbose), flash_attn_auto=True, vision_first=first)
     try:
         failures = run_ask(
             engine,
@@ -217,7 +228,7 @@ def chat(
     loaded = [load_image(s) for s in images or []]
     cache = open_cache(enabled=not no_cache)
     first = (lambda e: not cache.has("emb", embeddings_key(e, loaded[0].sha256))) if loaded else None
-    engine = open_engine(_model_options(model, mmproj, ctx_size, threads, gpu_layers, flash_attn, no_vision_offload, verbose), chat=True, vision_first=first)
+    engine = open_engine(_model_options(model, mmproj, ctx_size, threads, gpu_layers, flash_attn, no_vision_offload, verbose), vision_first=first)
     try:
         session = ChatSession(engine, pick_template(template, engine), Sampling(temperature, top_p, seed, max_tokens), system, timings, cache)
         for image in loaded:

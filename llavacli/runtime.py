@@ -48,18 +48,19 @@ def parse_gpu_layers(value: str) -> int:
 FLASH_ATTN = ("auto", "on", "off")
 
 
-def flash_attn_setting(value: str, chat: bool) -> bool | None:
-    """--flash-attn for the LLM; None leaves it to the engine (on where layers go to a GPU, else off).
+def flash_attn_setting(value: str, auto: bool | None = None) -> bool | None:
+    """--flash-attn for the LLM: on, off, or auto, which is what the command asks for; None leaves it to the
+    engine (on where layers go to a GPU, else off).
 
-    auto: on, except for chat on a CPU. There llama.cpp's flash attention evaluates a prompt faster (an
-    image's 576 tokens 11% faster on this project's 2-core CPU) but decodes slower the longer the context
-    (2% at 700 positions, 7% at 1500): a question about an image gains, a long chat's later turns lose.
+    On a CPU llama.cpp's flash attention evaluates a prompt faster (an image's 576 tokens 11% faster on this
+    project's 2-core CPU), decodes slower the longer the context (2% at 700 positions, 7% at 1500), and
+    accumulates in f16 (logits at cosine 0.999995 to transformers instead of 1.0000000). So `ask` turns it
+    on; `chat`, whose later turns decode deep into the context, and `eval`, which measures the model, leave
+    it to the engine.
     """
     if value not in FLASH_ATTN:
         raise InputError(f"--flash-attn must be auto, on or off, not {value!r}")
-    if value != "auto":
-        return value == "on"
-    return None if chat else True
+    return auto if value == "auto" else value == "on"
 
 
 def warn(message: str) -> None:
@@ -94,12 +95,12 @@ def check_backend() -> None:
         warn(f"this llama.cpp build is {verdict.describe()}. Fix: {backend.FIX_HINT}")
 
 
-def open_engine(opts: ModelOptions, chat: bool = False, vision_first=None):
+def open_engine(opts: ModelOptions, flash_attn_auto: bool | None = None, vision_first=None):
     from llavacli.engine import Engine
     from llavacli.models import resolve_model
 
     n_gpu_layers = parse_gpu_layers(opts.gpu_layers)
-    flash_attn = flash_attn_setting(opts.flash_attn, chat)
+    flash_attn = flash_attn_setting(opts.flash_attn, flash_attn_auto)
     text, mmproj = resolve_model(opts.model, opts.mmproj)
     with status(f"loading {Path(text).name}"):
         check_backend()
