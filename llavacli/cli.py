@@ -59,35 +59,24 @@ CtxOpt = typer.Option(4096, "--ctx-size", "-c", min=64, help="Context length in 
 ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads. Default: all cores.", show_default=False)
 
 
-def _bad_parameter(error: InputError, option: str) -> clickx.BadParameter:
-    """click names the option itself: "Invalid value for --x: must be ..."."""
-    return clickx.BadParameter(str(error).removeprefix(f"{option} "), param_hint=option)
+def _checked_by(parser: str, option: str):
+    """A click callback that checks a value with llavacli.runtime's `parser`, which raises InputError; click
+    names the option itself: "Invalid value for --x: must be ..."."""
+
+    def check(value: str) -> str:
+        from llavacli import runtime
+
+        try:
+            getattr(runtime, parser)(value)
+        except InputError as e:
+            raise clickx.BadParameter(str(e).removeprefix(f"{option} "), param_hint=option) from None
+        return value
+
+    return check
 
 
-def _check_gpu_layers(value: str) -> str:
-    from llavacli.runtime import parse_gpu_layers
-
-    try:
-        parse_gpu_layers(value)
-    except InputError as e:
-        raise _bad_parameter(e, "--gpu-layers") from None
-    return value
-
-
-GpuLayersOpt = typer.Option("auto", "--gpu-layers", callback=_check_gpu_layers, help="LLM layers to offload to the GPU: auto (all that the build can), a number, or 0 for CPU only.")
-
-
-def _check_flash_attn(value: str) -> str:
-    from llavacli.runtime import flash_attn_setting
-
-    try:
-        flash_attn_setting(value)
-    except InputError as e:
-        raise _bad_parameter(e, "--flash-attn") from None
-    return value
-
-
-FlashAttnOpt = typer.Option("auto", "--flash-attn", callback=_check_flash_attn, help="Flash attention in the LLM: on, off, or auto (on with a GPU; on a CPU, on for ask, where it evaluates the image faster, and off for chat and eval: it decodes long conversations slower and rounds in f16).")
+GpuLayersOpt = typer.Option("auto", "--gpu-layers", callback=_checked_by("parse_gpu_layers", "--gpu-layers"), help="LLM layers to offload to the GPU: auto (all that the build can), a number, or 0 for CPU only.")
+FlashAttnOpt = typer.Option("auto", "--flash-attn", callback=_checked_by("flash_attn_setting", "--flash-attn"), help="Flash attention in the LLM: on, off, or auto (on with a GPU; on a CPU, on for ask, where it evaluates the image faster, and off for chat and eval: it decodes long conversations slower and rounds in f16).")
 NoVisionOffloadOpt = typer.Option(False, "--no-vision-offload", help="Run the vision encoder on the CPU even when a GPU is available.")
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Show llama.cpp's log on stderr.")
 NoCacheOpt = typer.Option(False, "--no-cache", help="Neither read nor write the image cache (see `llava cache info`).")
