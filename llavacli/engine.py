@@ -91,24 +91,27 @@ class Engine:
         self._load_error: BaseException | None = None
         self._vocab_model = None  # see _preload_beside_the_llm
         self.llama = None
-        if vision_first is not None and vision_first(self):
-            self._preload_beside_the_llm()
         try:
-            self.llama = llama_cpp.Llama(
-                model_path=str(model),
-                n_ctx=n_ctx,
-                n_batch=self.n_batch,
-                n_ubatch=self.n_batch,
-                n_threads=threads,
-                n_threads_batch=threads,
-                n_gpu_layers=n_gpu_layers,
-                flash_attn=flash_attn,
-                verbose=verbose,
-            )
-        except ValueError:
-            error = ModelError(f"llama.cpp could not load model {model}: {backend.last_error()}")
-            self.close()
-            raise error from None
+            with _deferred_ctrl_c():  # llama.cpp logs through Python while it loads: see _deferred_ctrl_c
+                if vision_first is not None and vision_first(self):
+                    self._preload_beside_the_llm()
+                self.llama = llama_cpp.Llama(
+                    model_path=str(model),
+                    n_ctx=n_ctx,
+                    n_batch=self.n_batch,
+                    n_ubatch=self.n_batch,
+                    n_threads=threads,
+                    n_threads_batch=threads,
+                    n_gpu_layers=n_gpu_layers,
+                    flash_attn=flash_attn,
+                    verbose=verbose,
+                )
+        except BaseException as e:
+            error = ModelError(f"llama.cpp could not load model {model}: {backend.last_error()}") if isinstance(e, ValueError) else None
+            self.close()  # a vision model still loading in the background must not outlive the process's exit
+            if error is not None:
+                raise error from None
+            raise
         backend.capture_logs(verbose)  # Llama() installs its own logger; ours wins again
 
         self._marker = mtmd_cpp.mtmd_default_marker().decode()
@@ -124,14 +127,15 @@ class Engine:
         they skip loading the mmproj: a second question about the bench's pair took 5.0 s instead of 5.6 s
         on this project's 2-core CPU.
         """
-        if self._loading is not None:
-            self._loading.join()
-            self._loading = None
-        if self._load_error is not None:
-            error, self._load_error = self._load_error, None
-            raise error
-        if self._mctx is None:
-            self._load_vision()
+        with _deferred_ctrl_c():
+            if self._loading is not None:
+                self._loading.join()
+                self._loading = None
+            if self._load_error is not None:
+                error, self._load_error = self._load_error, None
+                raise error
+            if self._mctx is None:
+                self._load_vision()
         return self._mctx
 
     def _preload_beside_the_llm(self) -> None:
