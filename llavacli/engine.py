@@ -121,7 +121,8 @@ class Engine:
 
     @property
     def _vision(self):
-        """libmtmd's context: the vision encoder and projector, loaded when an image first needs them.
+        """libmtmd's context: the vision encoder and projector, loaded when an image first needs them (in
+        the background, if vision_first or preload_vision started it earlier: this waits for it).
 
         A question whose image state comes from the cache, and a chat turn after the first, never do;
         they skip loading the mmproj: a second question about the bench's pair took 5.0 s instead of 5.6 s
