@@ -39,14 +39,13 @@ def answer_one(
 ) -> Answer:
     """A fresh conversation: system prompt, the image, the question; the answer streamed to on_text."""
     start = time.perf_counter()
-    text = template.opening(system) + template.question(prompt, 1 if image is not None else 0)
     if image is None:
         engine.reset()
-        engine.feed(text)
+        engine.feed(template.opening(system) + template.question(prompt, 0))
     else:
-        cut = text.index(IMAGE)
-        start_from_image(engine, template.name, text[:cut], image, cache)
-        engine.feed(text[cut + len(IMAGE) :])
+        before, after = split_at_image(template, prompt, system)
+        start_from_image(engine, template.name, before, image, cache)
+        engine.feed(after)
     usage = Usage()
     parts = []
     for piece in engine.generate(sampling, usage):
@@ -55,6 +54,13 @@ def answer_one(
             on_text(piece)
     answer = "".join(parts)
     return Answer(image.source if image else None, prompt, answer.strip(), usage.generated_tokens, round(time.perf_counter() - start, 3))
+
+
+def split_at_image(template: Template, prompt: str, system: str | None) -> tuple[str, str]:
+    """A one-image conversation's prompt: the text before the image, and after it."""
+    text = template.opening(system) + template.question(prompt, 1)
+    cut = text.index(IMAGE)
+    return text[:cut], text[cut + len(IMAGE) :]
 
 
 def start_from_image(engine: Engine, template_name: str, before: str, image: LoadedImage, cache: Cache | None) -> None:
@@ -93,8 +99,7 @@ def vision_first(template: str | None, system: str | None, prompt: str, image: L
         from llavacli.runtime import pick_template
 
         t = pick_template(template, engine)
-        text = t.opening(system) + t.question(prompt, 1)
-        before = text[: text.index(IMAGE)]
+        before, _ = split_at_image(t, prompt, system)
         keys = (("state", state_key(engine, image.sha256, t.name, before)), ("emb", embeddings_key(engine, image.sha256)))
         return not any(cache.has(kind, key) for kind, key in keys)
 

@@ -16,11 +16,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from llavacli.ask import Answer, image_embeddings
+from llavacli.ask import Answer, image_embeddings, split_at_image
 from llavacli.cache import Cache, state_key
 from llavacli.engine import Engine, Sampling, Utf8Stream
 from llavacli.images import LoadedImage
-from llavacli.prompts import IMAGE, Template
+from llavacli.prompts import Template
 
 # On the bench's 2-core CPU (1B LLM at Q4_K_M) a step of 2, 4 and 8 answers cost 1.7x, 3.1x and 5.6x a
 # step of one: 1.15x, 1.27x and 1.42x the tokens per second. Each answer also holds a KV cache of its own.
@@ -44,7 +44,7 @@ def plan(engine: Engine, template: Template, prompt: str, system: str | None, ma
     wanted = min(n_images, parallel if parallel is not None else AUTO_MAX)
     if wanted < 2:
         return None
-    before, after = _split(template, prompt, system)
+    before, after = split_at_image(template, prompt, system)
     need = len(engine.tokens_of(before, at_start=True)) + engine.image_token_count()
     need += len(engine.tokens_of(after, at_start=False)) + max_tokens + 1
     positions = -(-need // KV_ROUND) * KV_ROUND
@@ -52,12 +52,6 @@ def plan(engine: Engine, template: Template, prompt: str, system: str | None, ma
         return None  # one conversation does not fit; the one-at-a-time path says so per image
     n = wanted if parallel is not None else min(wanted, engine.n_ctx // positions)
     return Plan(n, positions) if n >= 2 else None
-
-
-def _split(template: Template, prompt: str, system: str | None) -> tuple[str, str]:
-    text = template.opening(system) + template.question(prompt, 1)
-    cut = text.index(IMAGE)
-    return text[:cut], text[cut + len(IMAGE) :]
 
 
 @dataclass
@@ -78,7 +72,7 @@ class Together:
     def __init__(self, engine: Engine, template: Template, prompt: str, sampling: Sampling,
                  system: str | None = None, cache: Cache | None = None):
         self.engine, self.template, self.prompt, self.sampling, self.cache = engine, template, prompt, sampling, cache
-        self.before, after = _split(template, prompt, system)
+        self.before, after = split_at_image(template, prompt, system)
         self.after_tokens = engine.tokens_of(after, at_start=False)
         self._prefix: tuple[bytes, int] | None = None  # the state after `before`, laid down once for all
 
