@@ -282,6 +282,7 @@ def state_key(engine, image_sha256: str, template_name: str, prefix_text: str) -
             "n_batch": engine.n_batch,
             "gpu_layers": engine.n_gpu_layers,
             "flash_attn": engine.flash_attn,  # llama.cpp lays the V cache out differently with it
+            "repack": engine.repack,  # other kernels, other rounding
             "llama_cpp": backend_version(),
         }
     )

@@ -162,7 +162,10 @@ def ask(
             loaders = [lambda s=s: load_image(s) for s in sources]
     cache = open_cache(enabled=not no_cache)
     first = vision_first(template, system, prompt, None if labelled else image, cache) if sources else None
-    engine = open_engine(_model_options(model, mmproj, ctx_size, threads, gpu_layers, flash_attn, no_vision_offload, verbose), flash_attn_auto=True, vision_first=first)
+    # Several images are mostly prompt evaluation (576 tokens an image for LLaVA-1.5), which llama.cpp's
+    # repacked weights slow down on a CPU: see llavacli.batch.
+    options = _model_options(model, mmproj, ctx_size, threads, gpu_layers, flash_attn, no_vision_offload, verbose)
+    engine = open_engine(options, flash_attn_auto=True, vision_first=first, repack=not labelled)
     try:
         failures = run_ask(
             engine,

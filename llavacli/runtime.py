@@ -95,7 +95,7 @@ def check_backend() -> None:
         warn(f"this llama.cpp build is {verdict.describe()}. Fix: {backend.FIX_HINT}")
 
 
-def open_engine(opts: ModelOptions, flash_attn_auto: bool | None = None, vision_first=None):
+def open_engine(opts: ModelOptions, flash_attn_auto: bool | None = None, vision_first=None, repack: bool = True):
     from llavacli.engine import Engine
     from llavacli.models import resolve_model
 
@@ -112,6 +112,7 @@ def open_engine(opts: ModelOptions, flash_attn_auto: bool | None = None, vision_
             n_gpu_layers=n_gpu_layers,
             vision_offload=opts.vision_offload,
             flash_attn=flash_attn,
+            repack=repack,
             verbose=opts.verbose,
             vision_first=vision_first,
         )

@@ -68,19 +68,28 @@ def test_a_context_too_small_for_two_answers_falls_back_to_one_at_a_time(pair, i
     assert [a["answer"] for a in auto] == [a["answer"] for a in alone]
 
 
-def test_together_and_the_cache_agree_both_ways(pair, images, tmp_path):
-    """States written by a batch serve a lone question and the other way round, with the same answers."""
+def test_prompt_states_serve_any_number_of_answers_together(pair, images, tmp_path):
+    """A batch keeps one KV stream per answer, and llama.cpp loads a state only into a cache of as many
+    streams as it was saved from; the engine saves every state in one form. States written by 2 answers
+    together serve them one at a time and in a batch of 3, with the same answers as without the cache."""
     env = {"LLAVA_CACHE": str(tmp_path / "cache")}
-    paths = [images["square"], images["tall"]]
-    args = ("ask", *paths, PROMPT, "-m", pair[0], "-n", "16", "--json")
-    cold = _answers(run_llava(*args, env=env))  # together, writing the cache
-    warm_alone = _answers(run_llava(*args, "--parallel", "1", env=env))
-    warm_together = _answers(run_llava(*args, env=env))
-    reference = _answers(run_llava(*args, "--no-cache", "--parallel", "1"))
-    assert [a["answer"] for a in cold] == [a["answer"] for a in warm_alone] == [a["answer"] for a in warm_together]
-    assert [a["answer"] for a in cold] == [a["answer"] for a in reference]
+    two, three = [images["square"], images["tall"]], [images["square"], images["tall"], images["wide"]]
+
+    def ask(paths, *options):
+        proc = run_llava("ask", *paths, PROMPT, "-m", pair[0], "-n", "16", "--json", "-v", *options, env=env)
+        return _answers(proc), proc.stderr.count("decoding image batch")
+
+    cold, evaluated = ask(two)  # together, writing the cache
+    assert evaluated == 2
+    alone, evaluated = ask(two, "--parallel", "1")
+    assert evaluated == 0, "a state saved by 2 answers together did not load into one conversation"
+    together, evaluated = ask(three, "--parallel", "3")
+    assert evaluated == 1, "states saved by 2 answers together did not load into a batch of 3"
+    reference = _answers(run_llava("ask", *three, PROMPT, "-m", pair[0], "-n", "16", "--json", "--no-cache", "--parallel", "1"))
+    assert [a["answer"] for a in cold] == [a["answer"] for a in alone] == [a["answer"] for a in reference[:2]]
+    assert [a["answer"] for a in together] == [a["answer"] for a in reference]
     info = run_llava("cache", "info", env=env)
-    assert "2 image embeddings, 2 prompt states" in info.stdout
+    assert "3 image embeddings, 3 prompt states" in info.stdout
 
 
 def test_a_bad_image_in_a_group_is_reported_and_the_rest_answered_together(pair, images, tmp_path):
