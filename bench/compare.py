@@ -6,7 +6,7 @@
 
 Builds (once, cached under bench/out/) the model pair with `llava convert --outtype q4_k_m` and
 `llama-mtmd-cli` from the same llama.cpp source as the installed llama-cpp-python (its sdist with
-backend/*.patch). Every row is the median of --runs runs, ours and theirs alternated,
+backend/llava-cls-first.patch). Every row is the median of --runs runs, ours and theirs alternated,
 with the same prompt text (system prompt included), greedy decoding, the same threads, token count,
 context, batch sizes, offload and flash attention (on: llama-mtmd-cli's default and `llava ask`'s). `llava`
 starts each measured run with a fresh, empty LLAVA_CACHE, as on a first question. Prints the table, then
@@ -40,7 +40,7 @@ OUT = ROOT / "bench" / "out"
 VENV_BIN = Path(sys.executable).parent
 LLAVA = VENV_BIN / "llava"
 VERSION = "0.3.36"
-PATCHES = sorted((ROOT / "backend").glob("*.patch"))  # as backend/build.sh applies them
+PATCH = ROOT / "backend" / "llava-cls-first.patch"
 QUESTIONS = ["What is in the picture?", "What colour is the background?"]
 N_CTX = 4096  # `llava`'s default --ctx-size
 N_BATCH = 2048  # the engine's n_batch and n_ubatch at that context
@@ -93,10 +93,9 @@ def build_pair(small: bool) -> tuple[Path, Path]:
 
 
 def build_mtmd_cli() -> Path:
-    """llama-mtmd-cli, built again whenever backend/*.patch change (as the installed backend is)."""
-    binary, stamp = OUT / "llama-mtmd-cli", OUT / "llama-mtmd-cli.patches"
-    patches = "".join(p.read_text() for p in PATCHES)
-    if binary.exists() and stamp.exists() and stamp.read_text() == patches:
+    """llama-mtmd-cli, built again whenever backend/llava-cls-first.patch changes (as the installed backend is)."""
+    binary, stamp = OUT / "llama-mtmd-cli", OUT / "llama-mtmd-cli.patch"
+    if binary.exists() and stamp.exists() and stamp.read_text() == PATCH.read_text():
         return binary
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=OUT) as tmp:
@@ -110,8 +109,7 @@ def build_mtmd_cli() -> Path:
         with tarfile.open(tmp / f"llama_cpp_python-{VERSION}.tar.gz") as tar:
             tar.extractall(tmp, filter="data")
         src = tmp / f"llama_cpp_python-{VERSION}"
-        for patch in PATCHES:
-            subprocess.run(["patch", "--quiet", "-p1", "-d", str(src), "-i", str(patch)], check=True)
+        subprocess.run(["patch", "--quiet", "-p1", "-d", str(src), "-i", str(PATCH)], check=True)
         llama = src / "vendor" / "llama.cpp"
         build = tmp / "build"
         log("building llama-mtmd-cli (several minutes on 2 cores)")
@@ -124,7 +122,7 @@ def build_mtmd_cli() -> Path:
         subprocess.run(["cmake", "--build", str(build), "--target", "llama-mtmd-cli", "-j", str(os.cpu_count() or 2)],
                        check=True, stdout=subprocess.DEVNULL)
         shutil.copy2(build / "bin" / "llama-mtmd-cli", binary)
-        stamp.write_text(patches)
+        stamp.write_text(PATCH.read_text())
     return binary
 
 

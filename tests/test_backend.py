@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import json
 import sys
 from pathlib import Path
 
 import gguf
-import numpy as np
 import pytest
 from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
 from PIL import Image
@@ -118,32 +116,3 @@ def test_legacy_mmproj_runs_as_llava_computes(checkpoints, images, tmp_path):
     cos = reference.cosines(got, want)
     assert cos.mean() >= 0.99999 and cos.min() >= 0.9999
     assert FEATURE_LAYER_KEY not in gguf.GGUFReader(legacy).fields
-
-
-def test_weights_repacked_on_several_threads_compute_what_plain_weights_compute(tmp_path, capfd):
-    """backend/repack-threads.patch repacks each large weight in slices of rows, one per core. A slice put
-    in the wrong place scrambles the weight's rows, and the logits part from those of the same file loaded
-    without repacking."""
-    import tinymodels
-
-    shape = dataclasses.replace(tinymodels.V15, text_hidden=1024, text_ff=2048, text_heads=8, text_kv_heads=4)
-    src = tinymodels.make_llava_hf(tmp_path / "wide", shape)
-    proc = run_llava("convert", src, tmp_path / "gguf", "--outtype", "q4_k_m")
-    assert proc.returncode == 0, proc.stderr
-    text, mmproj = tmp_path / "gguf" / "wide.gguf", tmp_path / "gguf" / "wide.mmproj.gguf"
-    capfd.readouterr()
-    logits = {}
-    for repack in (True, False):
-        with Engine(text, mmproj, n_ctx=256, n_threads=2, n_gpu_layers=0, repack=repack, verbose=repack) as engine:
-            engine.feed("A picture of a red square and a blue circle")
-            logits[repack] = engine.logits()
-    slices = capfd.readouterr().err.count("repack tensor blk.0.ffn_up.weight")
-    if slices == 0:
-        pytest.skip("llama.cpp repacks no Q4_K weight on this CPU")
-    cores = min(os.cpu_count() or 1, 8)
-    rows_per_slice = -(-2048 // 64 // cores) * 64  # whole groups of 64 rows, as the patch cuts them
-    assert slices == -(-2048 // rows_per_slice), "the 2048-row weight (1.2 MB) was not repacked in slices, one per core"
-    # Repacked and plain kernels sum Q4_K blocks in another order: cosine 0.99987 on this model, with the
-    # single-threaded repacking too. One weight's two halves of rows swapped, loaded plain: 0.04.
-    assert reference.cosines(logits[True][None], logits[False][None])[0] > 0.999
-    assert np.argmax(logits[True]) == np.argmax(logits[False])
