@@ -6,8 +6,9 @@
 
 Builds (once, cached under bench/out/) the model pair with `llava convert --outtype q4_k_m` and
 `llama-mtmd-cli` from the same llama.cpp source as the installed llama-cpp-python (its sdist with
-backend/llava-cls-first.patch). Every row is the median of --runs runs, ours and theirs alternated,
-with the same prompt text (system prompt included), greedy decoding, the same threads, token count,
+backend/llava-cls-first.patch). Every row is the median of --runs runs, ours and theirs alternated, its
+ratio the median of the runs' ratios, with the same prompt text (system prompt included), greedy
+decoding, the same threads, token count,
 context, batch sizes, offload and flash attention (on: llama-mtmd-cli's default and `llava ask`'s). `llava`
 starts each measured run with a fresh, empty LLAVA_CACHE, as on a first question. Prints the table, then
 the same as Markdown for a README.
@@ -295,7 +296,9 @@ class Row:
 
     @property
     def ratio(self) -> float:
-        return statistics.median(self.ours) / statistics.median(self.against)
+        """The median of each run's ratio: a run's two measures are taken within seconds of each other,
+        while this machine (a VM) drifts by up to 10% over the minutes a row takes."""
+        return statistics.median(o / a for o, a in zip(self.ours, self.against))
 
     @property
     def met(self) -> bool:
@@ -369,7 +372,7 @@ def preamble(b: Bench, runs: int, prompt_tokens: tuple[int, int], load: float) -
     ours, theirs = prompt_tokens
     return [
         f"command: {shlex.join([os.path.relpath(sys.executable), *sys.argv])}",
-        f"pair: {b.text.name} + {b.proj.name}; median of {runs} runs, llava and llama-mtmd-cli alternated; "
+        f"pair: {b.text.name} + {b.proj.name}; median of {runs} runs, llava and llama-mtmd-cli alternated, ratios the median of each run's; "
         "llava starts each run with a fresh LLAVA_CACHE (cold, as on a first question)",
         f"both: {f'{b.gpu_layers} layers offloaded' if b.gpu_layers else 'CPU only'}, {b.threads} threads, "
         f"context {N_CTX}, batch and ubatch {N_BATCH}, greedy, {b.n} tokens, the same prompt text ({ours} tokens for llava, {theirs} for llama-mtmd-cli)",

@@ -69,8 +69,8 @@ class Engine:
         will need the vision model at once; then it loads beside the LLM rather than after it.
 
         repack: llama.cpp's default, weights kept on the CPU are laid out anew at load for its repacked
-        kernels. On this project's 2-core x86 CPU (1B LLM at Q4_K_M) that decodes one answer 20% faster but
-        evaluates a prompt 25% slower and adds 0.3 s to the load; see llavacli.batch for who turns it off.
+        kernels. On this project's 2-core x86 CPU (1B LLM at Q4_K_M) that decodes one answer 1.2x as fast,
+        but takes 1.6x as long over a prompt and 0.3 s more to load; see llavacli.batch for who turns it off.
         """
         import llama_cpp
         from llama_cpp import mtmd_cpp
