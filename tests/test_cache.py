@@ -75,6 +75,16 @@ def test_the_prompt_state_is_kept_apart_per_flash_attention_setting(pair, images
     assert answers[0] == answers[1]
 
 
+def test_the_prompt_state_is_kept_apart_per_weight_layout(pair, images, tmp_path):
+    """Several images load the LLM's weights without llama.cpp's repacking (llavacli.batch), one image with
+    it; the two round differently, so each has its own state, and the image embeddings serve both."""
+    ask(pair, tmp_path, images["wide"], PROMPT, n=1)  # one image: repacked
+    both = ask(pair, tmp_path, images["wide"], images["tall"], PROMPT, "--json", "-v", n=4)
+    assert both.stderr.count("clip_encode: output embedding") == 1, "the embeddings of the image asked about alone were not reused"
+    assert both.stderr.count("decoding image batch") == 2, "a state saved with repacked weights was used with plain ones"
+    assert sorted(p.suffix for p in entries(tmp_path)) == [".emb", ".emb", ".state", ".state", ".state"]
+
+
 def test_a_truncated_entry_is_detected_and_recomputed(pair, images, tmp_path):
     expected = ask(pair, tmp_path, images["square"], PROMPT, *SAMPLED).stdout
     for path in entries(tmp_path):
