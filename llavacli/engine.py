@@ -11,7 +11,6 @@ import contextlib
 import ctypes
 import os
 import signal
-import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from llavacli.ggufmeta import (
 )
 from llavacli.images import PAD, preprocess
 from llavacli.prompts import DEFAULT_TEMPLATE, IMAGE
+from llavacli.seqstate import as_one_stream, as_streams
 
 
 @dataclass(frozen=True)
@@ -259,7 +259,7 @@ class Engine:
         written = self._llama_cpp.llama_state_seq_get_data(ctx, buf, size, seq)
         if written == 0:
             raise BackendError("llama.cpp could not save the context state")
-        return _as_one_stream(memoryview(buf).cast("B")[:written], self.n_seq)
+        return as_one_stream(memoryview(buf).cast("B")[:written], self.n_seq)
 
     def load_state(self, data: bytes, n_past: int, text_prefix: tuple[str, int] | None = None) -> bool:
         """Replace the context with a saved one holding n_past positions; False if llama.cpp refuses it."""
@@ -272,7 +272,7 @@ class Engine:
         return True
 
     def _set_seq_state(self, seq: int, data: bytes) -> bool:
-        data = _as_streams(data, self.n_seq)
+        data = as_streams(data, self.n_seq)
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
         return self._llama_cpp.llama_state_seq_set_data(self.llama.ctx, buf, len(data), seq) != 0
 
@@ -595,43 +595,6 @@ class Utf8Stream:
     def rest(self) -> str:
         text, self._pending = self._pending.decode("utf-8", errors="replace"), b""
         return text
-
-
-# -- a sequence's state in llama.cpp's format (llama-context.cpp state_seq_get_data, llama-kv-cache.cpp
-# state_write): a magic number and the sequence id (4 bytes each), the number of KV streams, then per stream
-# its cell count and, if not 0, its cells. A lone conversation's cache has one stream; a batch's (non-unified)
-# one per sequence, and the cells of a sequence all sit in its own stream, so the others are bare zero counts.
-# llama.cpp refuses a state with another number of streams than the cache it goes into.
-
-_U32 = struct.Struct("<I")
-_STREAMS_AT = 8
-
-
-def _as_one_stream(data: memoryview, n_stream: int) -> memoryview | bytes:
-    """A sequence's state from a cache of n_stream streams, as a one-stream cache writes it (unchanged if it
-    is not laid out as expected: llama.cpp then refuses it, and the work is done again)."""
-    if n_stream == 1 or len(data) < _STREAMS_AT + 4 * (n_stream + 1):
-        return data
-    if _U32.unpack_from(data, _STREAMS_AT)[0] != n_stream:
-        return data
-    empty_before = 0
-    at = _STREAMS_AT + 4
-    while empty_before < n_stream and _U32.unpack_from(data, at)[0] == 0:
-        empty_before, at = empty_before + 1, at + 4
-    if empty_before == n_stream:  # a sequence with no cells
-        return bytes(data[:_STREAMS_AT]) + _U32.pack(1) + _U32.pack(0)
-    tail = 4 * (n_stream - empty_before - 1)
-    if any(data[len(data) - tail :]):
-        return data
-    return bytes(data[:_STREAMS_AT]) + _U32.pack(1) + bytes(data[at : len(data) - tail])
-
-
-def _as_streams(data: bytes, n_stream: int) -> bytes:
-    """A one-stream state for a cache of n_stream streams: its cells in the first stream's place (llama.cpp
-    puts them in the stream of the sequence it loads them into), the other streams empty."""
-    if n_stream == 1 or len(data) < _STREAMS_AT + 4 or _U32.unpack_from(data, _STREAMS_AT)[0] != 1:
-        return data
-    return bytes(data[:_STREAMS_AT]) + _U32.pack(n_stream) + bytes(data[_STREAMS_AT + 4 :]) + bytes(4 * (n_stream - 1))
 
 
 @contextlib.contextmanager
