@@ -22,7 +22,7 @@ endif
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml backend/build.sh backend/llava-cls-first.patch
+$(STAMP): pyproject.toml backend/build.sh $(wildcard backend/*.patch)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check '$(TORCH)'
 	bash backend/build.sh $(PY)

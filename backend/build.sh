@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs llama-cpp-python with the LLaVA CLS-order fix into the Python given as $1.
 #
-# The wheel is built once from the pinned sdist with backend/llava-cls-first.patch applied and kept in
-# ~/.cache/llava-cli/backend/<key>/, where <key> hashes the version, the patch and CMAKE_ARGS, so a
+# The wheel is built once from the pinned sdist with backend/*.patch applied (llava-cls-first.patch: the fix;
+# repack-threads.patch: weights repacked on every core at load) and kept in
+# ~/.cache/llava-cli/backend/<key>/, where <key> hashes the version, the patches and CMAKE_ARGS, so a
 # CUDA build (CMAKE_ARGS=-DGGML_CUDA=on) and a CPU build live side by side and a rebuild costs nothing.
 #
 # Offline: LLAVA_BACKEND_SDIST=path/to/llama_cpp_python-<version>.tar.gz builds from that file instead of
@@ -13,10 +14,10 @@ set -euo pipefail
 python=${1:?usage: backend/build.sh PYTHON}
 version=0.3.36
 here=$(cd "$(dirname "$0")" && pwd)
-patch_file="$here/llava-cls-first.patch"
+patches=("$here"/*.patch)
 cmake_args=${CMAKE_ARGS:-}
 
-key=$( { echo "$version"; echo "$cmake_args"; cat "$patch_file"; } | sha256sum | cut -c1-16)
+key=$( { echo "$version"; echo "$cmake_args"; cat "${patches[@]}"; } | sha256sum | cut -c1-16)
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/llava-cli/backend/$key"
 
 if ! compgen -G "$cache/*.whl" >/dev/null; then
@@ -32,7 +33,7 @@ if ! compgen -G "$cache/*.whl" >/dev/null; then
             "$python" -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$version" -d "$work/sdist"
         fi
         tar -xzf "$work"/sdist/*.tar.gz -C "$src.partial" --strip-components=1
-        patch --quiet -p1 -d "$src.partial" < "$patch_file"
+        for p in "${patches[@]}"; do patch --quiet -p1 -d "$src.partial" < "$p"; done
         # A local version label lets `llava info` tell the patched build from a stock one at a glance.
         sed -i "s/^__version__ = \"$version\"/__version__ = \"$version+llava.clsfix\"/" "$src.partial/llama_cpp/__init__.py"
         mv "$src.partial" "$src"

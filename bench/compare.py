@@ -6,7 +6,7 @@
 
 Builds (once, cached under bench/out/) the model pair with `llava convert --outtype q4_k_m` and
 `llama-mtmd-cli` from the same llama.cpp source as the installed llama-cpp-python (its sdist with
-backend/llava-cls-first.patch). Every row is the median of --runs runs, ours and theirs alternated, its
+backend/*.patch). Every row is the median of --runs runs, ours and theirs alternated, its
 ratio the median of the runs' ratios, with the same prompt text (system prompt included), greedy
 decoding, the same threads, token count,
 context, batch sizes, offload and flash attention (on: llama-mtmd-cli's default and `llava ask`'s). `llava`
@@ -41,7 +41,7 @@ OUT = ROOT / "bench" / "out"
 VENV_BIN = Path(sys.executable).parent
 LLAVA = VENV_BIN / "llava"
 VERSION = "0.3.36"
-PATCH = ROOT / "backend" / "llava-cls-first.patch"
+PATCHES = sorted((ROOT / "backend").glob("*.patch"))  # as backend/build.sh applies them
 QUESTIONS = ["What is in the picture?", "What colour is the background?"]
 N_CTX = 4096  # `llava`'s default --ctx-size
 N_BATCH = 2048  # the engine's n_batch and n_ubatch at that context
@@ -94,9 +94,10 @@ def build_pair(small: bool) -> tuple[Path, Path]:
 
 
 def build_mtmd_cli() -> Path:
-    """llama-mtmd-cli, built again whenever backend/llava-cls-first.patch changes (as the installed backend is)."""
-    binary, stamp = OUT / "llama-mtmd-cli", OUT / "llama-mtmd-cli.patch"
-    if binary.exists() and stamp.exists() and stamp.read_text() == PATCH.read_text():
+    """llama-mtmd-cli, built again whenever backend/*.patch change (as the installed backend is)."""
+    binary, stamp = OUT / "llama-mtmd-cli", OUT / "llama-mtmd-cli.patches"
+    patches = "".join(p.read_text() for p in PATCHES)
+    if binary.exists() and stamp.exists() and stamp.read_text() == patches:
         return binary
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=OUT) as tmp:
@@ -110,7 +111,8 @@ def build_mtmd_cli() -> Path:
         with tarfile.open(tmp / f"llama_cpp_python-{VERSION}.tar.gz") as tar:
             tar.extractall(tmp, filter="data")
         src = tmp / f"llama_cpp_python-{VERSION}"
-        subprocess.run(["patch", "--quiet", "-p1", "-d", str(src), "-i", str(PATCH)], check=True)
+        for patch in PATCHES:
+            subprocess.run(["patch", "--quiet", "-p1", "-d", str(src), "-i", str(patch)], check=True)
         llama = src / "vendor" / "llama.cpp"
         build = tmp / "build"
         log("building llama-mtmd-cli (several minutes on 2 cores)")
@@ -123,7 +125,7 @@ def build_mtmd_cli() -> Path:
         subprocess.run(["cmake", "--build", str(build), "--target", "llama-mtmd-cli", "-j", str(os.cpu_count() or 2)],
                        check=True, stdout=subprocess.DEVNULL)
         shutil.copy2(build / "bin" / "llama-mtmd-cli", binary)
-        stamp.write_text(PATCH.read_text())
+        stamp.write_text(patches)
     return binary
 
 

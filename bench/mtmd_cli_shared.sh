@@ -19,7 +19,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 tar -xzf "$sdist" -C "$work"
 src="$work/llama_cpp_python-$version"
-patch --quiet -p1 -d "$src" -i "$PWD/backend/llava-cls-first.patch"
+for p in "$PWD"/backend/*.patch; do patch --quiet -p1 -d "$src" -i "$p"; done
 llama="$src/vendor/llama.cpp"
 # The trimmed sdist keeps only tools/mtmd; build that tool alone.
 sed -i '/^if (EMSCRIPTEN)/,$d' "$llama/tools/CMakeLists.txt" && echo "add_subdirectory(mtmd)" >>"$llama/tools/CMakeLists.txt"

@@ -48,7 +48,7 @@ def answer_one(
         engine.feed(after)
     usage = Usage()
     parts = []
-    for piece in engine.generate(sampling, usage):
+    for piece in engine.generate(sampling, usage, keep=False):  # the next answer starts from the image again
         parts.append(piece)
         if on_text is not None:
             on_text(piece)

@@ -33,6 +33,8 @@ from llavacli.images import PAD, preprocess
 from llavacli.prompts import DEFAULT_TEMPLATE, IMAGE
 from llavacli.seqstate import as_one_stream, as_streams
 
+REPACK_THREADS_ENV = "GGML_REPACK_THREADS"  # read by backend/repack-threads.patch
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -102,9 +104,11 @@ class Engine:
         self.llama = None
         try:
             with _deferred_ctrl_c():  # llama.cpp logs through Python while it loads: see _deferred_ctrl_c
-                if vision_first is not None and vision_first(self):
+                beside = vision_first is not None and vision_first(self)
+                if beside:
                     self._preload_beside_the_llm()
-                with _model_params(use_extra_bufts=repack):
+                # With the vision model loading on another core, one repacking thread leaves it that core.
+                with _model_params(use_extra_bufts=repack), _repack_threads(1 if beside else threads):
                     self.llama = llama_cpp.Llama(
                         model_path=str(model),
                         n_ctx=n_ctx,
@@ -551,16 +555,18 @@ class Engine:
             sampler.add_dist(s.seed & 0xFFFFFFFF)
         return sampler
 
-    def generate(self, sampling: Sampling = Sampling(), usage: Usage | None = None) -> Iterator[str]:
+    def generate(self, sampling: Sampling = Sampling(), usage: Usage | None = None, keep: bool = True) -> Iterator[str]:
         """Sample the answer token by token, yielding text as soon as it is valid UTF-8.
 
-        Every sampled token but the end-of-sequence one is evaluated, so the context holds the answer.
+        keep: every sampled token but the end-of-sequence one is evaluated, so the context holds the answer
+        and the conversation can go on. Without it the last token of an answer cut at max_tokens is not: an
+        answer nothing follows saves a decoding step.
         """
         usage = usage if usage is not None else Usage()
         sampler = self._sampler(sampling)
         text = Utf8Stream()
         usage.stopped_by = "length"
-        for _ in range(sampling.max_tokens):
+        for step in range(sampling.max_tokens):
             token = self.sample(sampler, -1)
             usage.token_ids.append(token)
             if self.is_end(token):
@@ -572,6 +578,8 @@ class Engine:
                 yield piece
             if self.n_past + 1 > self.n_ctx:
                 usage.stopped_by = "context"
+                break
+            if not keep and step + 1 == sampling.max_tokens:
                 break
             with _deferred_ctrl_c():
                 self._eval_tokens([token])
@@ -595,6 +603,20 @@ class Utf8Stream:
     def rest(self) -> str:
         text, self._pending = self._pending.decode("utf-8", errors="replace"), b""
         return text
+
+
+@contextlib.contextmanager
+def _repack_threads(n: int):
+    """backend/repack-threads.patch: llama.cpp repacks each large weight on n threads at load (upstream: one)."""
+    before = os.environ.get(REPACK_THREADS_ENV)
+    os.environ[REPACK_THREADS_ENV] = str(n)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[REPACK_THREADS_ENV]
+        else:
+            os.environ[REPACK_THREADS_ENV] = before
 
 
 @contextlib.contextmanager

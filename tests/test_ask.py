@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import LLAVA, run_llava
-from llavacli.engine import Engine, Sampling
+from llavacli.engine import Engine, Sampling, Usage
 from llavacli.prompts import get_template
 
 PROMPT = "What shape is in the picture?"
@@ -36,6 +36,22 @@ def test_ask_streams_the_answer_and_nothing_else_to_stdout(pair, images):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == _expected_answer(pair, images["wide"]) + "\n"
     assert "llama_model_loader" not in proc.stderr and "clip_model_loader" not in proc.stderr
+
+
+def test_an_answer_nothing_follows_skips_evaluating_its_last_token(pair, images):
+    """`llava ask` (keep=False) samples the same answer as a chat turn, one decoding step shorter."""
+    t = get_template("vicuna_v1")
+    with Engine(*pair, n_ctx=2048) as engine:
+        answers, n_past = {}, {}
+        for keep in (True, False):
+            engine.reset()
+            engine.feed(t.opening() + t.question(PROMPT, 1), [Image.open(images["wide"])])
+            start, usage = engine.n_past, Usage()
+            answers[keep] = "".join(engine.generate(Sampling(max_tokens=12), usage, keep=keep))
+            assert usage.stopped_by == "length" and usage.generated_tokens == 12
+            n_past[keep] = engine.n_past - start
+    assert answers[False] == answers[True]
+    assert (n_past[True], n_past[False]) == (12, 11)
 
 
 def test_answering_imports_neither_torch_nor_the_converters_libraries(pair, images):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import json
 import sys
 from pathlib import Path
 
 import gguf
+import numpy as np
 import pytest
 from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
 from PIL import Image
@@ -116,3 +118,35 @@ def test_legacy_mmproj_runs_as_llava_computes(checkpoints, images, tmp_path):
     cos = reference.cosines(got, want)
     assert cos.mean() >= 0.99999 and cos.min() >= 0.9999
     assert FEATURE_LAYER_KEY not in gguf.GGUFReader(legacy).fields
+
+
+def test_weights_repacked_on_several_threads_compute_what_plain_weights_compute(tmp_path, capfd):
+    """backend/repack-threads.patch repacks each large weight in slices of rows, one per thread, when the
+    engine loads the LLM alone; beside the vision model it keeps upstream's one thread. A slice put in the
+    wrong place scrambles the weight's rows, and the logits part from those of the file loaded plain."""
+    import tinymodels
+
+    shape = dataclasses.replace(tinymodels.V15, text_hidden=1024, text_ff=2048, text_heads=8, text_kv_heads=4)
+    src = tinymodels.make_llava_hf(tmp_path / "wide", shape)
+    proc = run_llava("convert", src, tmp_path / "gguf", "--outtype", "q4_k_m")
+    assert proc.returncode == 0, proc.stderr
+    text, mmproj = tmp_path / "gguf" / "wide.gguf", tmp_path / "gguf" / "wide.mmproj.gguf"
+    capfd.readouterr()
+    logits, slices = {}, {}
+    for how, repack, beside in (("alone", True, False), ("beside the vision model", True, True), ("plain", False, False)):
+        with Engine(text, mmproj, n_ctx=256, n_threads=2, n_gpu_layers=0, repack=repack, verbose=True,
+                    vision_first=lambda engine: beside) as engine:
+            engine.feed("A picture of a red square and a blue circle")
+            logits[how] = engine.logits()
+        slices[how] = capfd.readouterr().err.count("repack tensor blk.0.ffn_up.weight")
+    if slices["alone"] == 0:
+        pytest.skip("llama.cpp repacks no Q4_K weight on this CPU")
+    assert os.environ.get("GGML_REPACK_THREADS") is None, "the engine left its setting behind"
+    # The 2048-row weight (1.2 MB) in whole groups of 64 rows: 2 slices of 1024 on 2 threads.
+    assert (slices["alone"], slices["beside the vision model"], slices["plain"]) == (2, 1, 0)
+    # Repacked and plain kernels sum Q4_K blocks in another order: cosine 0.99987 on this model, with the
+    # single-threaded repacking too. One weight's two halves of rows swapped, loaded plain: 0.04.
+    for how in ("alone", "beside the vision model"):
+        assert reference.cosines(logits[how][None], logits["plain"][None])[0] > 0.999, how
+        assert np.argmax(logits[how]) == np.argmax(logits["plain"]), how
+    assert np.array_equal(logits["alone"], logits["beside the vision model"]), "slices repack to other bytes than one pass"
