@@ -72,7 +72,7 @@ class Engine:
 
         repack: llama.cpp's default, weights kept on the CPU are laid out anew at load for its repacked
         kernels. On this project's 2-core x86 CPU (1B LLM at Q4_K_M) that decodes one answer 1.2x as fast,
-        but takes 1.6x as long over a prompt and 0.3 s more to load; see llavacli.batch for who turns it off.
+        but takes 1.6x as long over a prompt and 0.2-0.3 s more to load; see llavacli.batch for who turns it off.
         """
         import llama_cpp
         from llama_cpp import mtmd_cpp
