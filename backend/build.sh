@@ -2,7 +2,8 @@
 # Installs llama-cpp-python with the LLaVA CLS-order fix into the Python given as $1.
 #
 # The wheel is built once from the pinned sdist with backend/*.patch applied (llava-cls-first.patch: the fix;
-# repack-threads.patch: with GGML_REPACK_THREADS=N, weights repacked on N threads at load) and kept in
+# repack-threads.patch: with GGML_REPACK_THREADS=N, weights repacked on N threads at load; gqa-decode.patch:
+# a decoding step on the CPU reads each K/V row once for the query heads that share it) and kept in
 # ~/.cache/llava-cli/backend/<key>/, where <key> hashes the version, the patches and CMAKE_ARGS, so a
 # CUDA build (CMAKE_ARGS=-DGGML_CUDA=on) and a CPU build live side by side and a rebuild costs nothing.
 #

@@ -86,6 +86,12 @@ class Reference:
             ids += piece
         return torch.tensor([ids])
 
+    def logits_after(self, prompt: str, img, tokens: list[int]) -> np.ndarray:
+        """The next-token logits once `tokens` follow the prompt."""
+        with torch.no_grad():
+            embeds = torch.cat([self._embeddings(prompt, img), self.embed(torch.tensor([tokens]))], dim=1)
+            return self.llm(inputs_embeds=embeds).logits[0, -1].numpy()
+
     def greedy(self, prompt: str, img, n: int) -> list[int]:
         with torch.no_grad():
             embeds = self._embeddings(prompt, img)

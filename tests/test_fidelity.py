@@ -98,6 +98,26 @@ def test_flash_attention_keeps_the_logits_within_tolerance(checkpoints, setups, 
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_each_decoding_step_matches_transformers(setups, images, kind):
+    """A decoding step evaluates one token. On a CPU, backend/gqa-decode.patch then multiplies the query heads
+    that share a KV head together (these models: 6 query heads on 2 KV heads); a head paired with another
+    head's keys or values would part from transformers far below the tolerance."""
+    engine, ref = setups(kind)
+    img = Image.open(images["tall"])
+    engine.reset()
+    engine.feed(_prompt(), [img])
+    tokens = []
+    for step in range(4):
+        tokens.append(int(engine.logits().argmax()))
+        engine._eval_tokens([tokens[-1]])
+        got, want = engine.logits(), ref.logits_after(_prompt(), img, tokens)
+        n = min(len(got), len(want))
+        cos = reference.cosines(got[:n], want[:n])[0]
+        assert cos >= 0.9999, f"step {step}: logit cosine {cos:.7f}"
+        assert got[:n].argmax() == want[:n].argmax(), step
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_greedy_continuation_matches_transformers(setups, images, kind):
     engine, ref = setups(kind)
     img = Image.open(images["square"])
