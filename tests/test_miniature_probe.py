@@ -57,8 +57,17 @@ def test_a_short_run_trains_and_scores_both_kinds():
     assert float(reports[1][1]) < float(reports[0][1]) * 0.8, reports
     for split in (reports[1][3], reports[1][6]):  # colour's and yes/no's, the latter a kind with "/" in its name
         assert [part.split(":")[0] for part in split.split()] == ["1", "2", "3", "4", "5"], split
-    by_place = re.findall(r"\| (colour|shape) by place \d+% \(by shapes 1:\d+%", run.stdout)
+    by_place = re.findall(r"\| (colour|shape) by place \d+% \(by shapes 1:\d+%[^)]*\) \(by place corner:\d+%", run.stdout)
     assert by_place == ["colour", "shape"] * 2, run.stdout
+
+
+def test_a_place_question_is_split_by_the_kind_of_cell_it_names():
+    assert P.region_named("What color is the shape in the top left corner?") == "corner"
+    assert P.region_named("Which shape is at the bottom?") == "edge"
+    assert P.region_named("What is the shape on the right?") == "edge"
+    assert P.region_named("Which color does the shape in the center have?") == "centre"
+    assert P.region_named("What color is the star?") is None
+    assert sorted(P.region_named(w) for w in D.WHERE.values()) == ["centre"] + ["corner"] * 4 + ["edge"] * 4
 
 
 def test_a_place_phase_runs_first_and_only_the_main_steps_are_scored():

@@ -7,7 +7,8 @@ A fresh LLaMA of the miniature's shape reads each scene as its patch words, comp
 (language.ComposedEmbedding), followed either by facts about the scene (data.facts) or by one short question
 answered. Every --every steps it answers held-out colour, shape and yes/no questions ("Is there a red
 star?"), and colour and shape questions that name the shape by its place ("What color is the shape in the
-top left corner?"); the first answer token is scored, split by how many shapes the scene holds. One scene
+top left corner?"); the first answer token is scored, split by how many shapes the scene holds, and the
+by-place ones by whether the place is a corner, an edge or the centre. One scene
 per row and no picture: a few minutes for what a full recipe run (about 21) shows of the language model's
 lookups.
 """
@@ -103,12 +104,12 @@ def run(probe: Probe, tok, log=print) -> list[dict]:
     composed = L.composed_embedding(model, tok)
     rows = Rows(tok, probe.seq)
     rng, held_rng = random.Random(f"probe/{probe.seed}/train"), random.Random(f"probe/{probe.seed}/held-out")
-    held = []  # (kind, shapes in the scene, prompt ids, first answer token)
+    held = []  # (kind, shapes in the scene, prompt ids, first answer token, region of the place it names or None)
     for kind, maker in HELD_OUT:
         for _ in range(probe.held_out):
             scene = D.make_scene(held_rng, "h")
             prompt, answer = rows.question(scene, held_rng, maker)
-            held.append((kind, len(scene.shapes), prompt, answer[0]))
+            held.append((kind, len(scene.shapes), prompt, answer[0], region_named(tok.decode(prompt))))
 
     @torch.no_grad()
     def score() -> dict:
@@ -116,14 +117,16 @@ def run(probe: Probe, tok, log=print) -> list[dict]:
         hits = defaultdict(list)
         for start in range(0, len(held), 50):
             chunk = held[start : start + 50]
-            ids = torch.full((len(chunk), max(len(p) for _, _, p, _ in chunk)), tok.pad_token_id)
-            for i, (_, _, prompt, _) in enumerate(chunk):
+            ids = torch.full((len(chunk), max(len(p) for _, _, p, _, _ in chunk)), tok.pad_token_id)
+            for i, (_, _, prompt, _, _) in enumerate(chunk):
                 ids[i, : len(prompt)] = torch.tensor(prompt)
             logits = model(inputs_embeds=composed(ids)).logits
-            for i, (kind, n, prompt, first) in enumerate(chunk):
+            for i, (kind, n, prompt, first, region) in enumerate(chunk):
                 right = int(logits[i, len(prompt) - 1].argmax()) == first
                 hits[kind].append(right)
                 hits[f"{kind}/{n}"].append(right)
+                if region and kind.endswith("by place"):
+                    hits[f"{kind}@{region}"].append(right)
         model.train()
         return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
 
@@ -165,11 +168,23 @@ def run(probe: Probe, tok, log=print) -> list[dict]:
     return reports
 
 
+REGIONS = ("corner", "edge", "centre")
+
+
+def region_named(question: str) -> str | None:
+    """Which kind of cell a question names by its place ("in the top left corner": corner), if it does."""
+    for cell, where in D.WHERE.items():
+        if where in question:
+            return REGIONS[(cell[0] == 1) + (cell[1] == 1)]
+    return None
+
+
 def describe(report: dict) -> str:
     kinds = []
     for kind, _ in HELD_OUT:
         split = " ".join(f"{k.rsplit('/', 1)[1]}:{v:.0%}" for k, v in report.items() if k.startswith(kind + "/"))
-        kinds.append(f"{kind} {report[kind]:.0%} (by shapes {split})")
+        regions = " ".join(f"{r}:{report[f'{kind}@{r}']:.0%}" for r in REGIONS if f"{kind}@{r}" in report)
+        kinds.append(f"{kind} {report[kind]:.0%} (by shapes {split})" + (f" (by place {regions})" if regions else ""))
     return f"step {report['step']} loss {report['loss']:.3f} | " + " | ".join(kinds) + f" | {report['seconds']}s"
 
 
