@@ -8,9 +8,8 @@ A fresh LLaMA of the miniature's shape reads each scene as its patch words, comp
 answered. Every --every steps it answers held-out colour, shape and yes/no questions ("Is there a red
 star?"), and colour and shape questions that name the shape by its place ("What color is the shape in the
 top left corner?"); the first answer token is scored, split by how many shapes the scene holds, and the
-by-place ones by whether the place is a corner, an edge or the centre. One scene
-per row and no picture: a few minutes for what a full recipe run (about 21) shows of the language model's
-lookups.
+by-place ones by whether the place is a corner, an edge or the centre. One scene per row and no picture:
+a few minutes for what a full recipe run (about 21) shows of the language model's lookups.
 """
 
 from __future__ import annotations
