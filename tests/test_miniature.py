@@ -36,6 +36,36 @@ def test_each_stage_loss_falls(quick_run, stage):
 
 
 @pytest.mark.slow
+def test_the_language_models_first_phase_is_the_easy_scenes(quick_run):
+    from train.miniature import data as D
+    from train.miniature.recipe import QUICK
+
+    first = json.loads((quick_run / "recipe.json").read_text())["phases"]["language"]["first_phase"]
+    assert first == {"documents": int(QUICK.sizes.lm_documents * QUICK.sizes.lm_easy), "facts": False}
+    docs = D.read_lm_documents(quick_run / "data" / "lm.txt")
+    shapes = [sum(w in D.PATCH_WORDS for w in d.split()) for d in docs]  # a document shows one grid at most
+    assert max(shapes[: first["documents"]]) <= 2 < max(shapes[first["documents"] :])
+
+
+@pytest.mark.slow
+def test_facts_first_starts_the_language_model_on_the_facts(tmp_path):
+    """`--facts-first` reaches the trainer: its first phase is exactly the facts documents."""
+    from train.miniature import data as D
+
+    run = subprocess.run(
+        [sys.executable, "-m", "train.miniature", "--out", str(tmp_path), "--quick", "--facts-first", "--no-eval", "--threads", "1"],
+        capture_output=True, text=True, timeout=1800, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    phase = json.loads((tmp_path / "recipe.json").read_text())["phases"]["language"]
+    docs = D.read_lm_documents(tmp_path / "data" / "lm.txt")
+    held = max(20, len(docs) // 50)
+    facts = sum(D.is_facts_document(d) for d in docs[:-held])
+    assert phase["first_phase"] == {"documents": facts, "facts": True} and 0 < facts < len(docs) - held
+    assert phase["loss_end"] < phase["loss_start"]
+
+
+@pytest.mark.slow
 def test_stage1_trains_the_projector_and_stage2_starts_from_it(quick_run):
     assert (quick_run / "stage1" / "projector.safetensors").is_file()
     stage2 = (quick_run / "configs" / "stage2.toml").read_text()

@@ -193,6 +193,24 @@ def test_lm_documents_use_the_vicuna_template_or_prose(dataset):
     assert all(d.startswith(("A chat between a curious user", "USER: ")) and d.endswith("</s>") for d in chats)
 
 
+def test_the_facts_come_first_in_the_language_models_text():
+    """recipe.facts_first picks out exactly the documents built as patch words then facts, and puts them first."""
+    from train.miniature.recipe import facts_first
+
+    rng = random.Random(0)
+    scenes = [D.make_scene(rng, str(i)) for i in range(400)]
+    built = [(D.grid_text(s) + "\n" + D.facts(s, rng), True) for s in scenes[:100]]
+    built += [(D.lm_document(s, rng), None) for s in scenes[100:]]
+    built += [(D.grid_text(s) + " " + D.caption(s, rng) + "\n", False) for s in scenes[:50]]
+    built += [(D.caption(s, rng) + " " + D.description(s), False) for s in scenes[:50]]
+    ordered, first = facts_first([doc for doc, _ in built])
+    assert sorted(ordered) == sorted(doc for doc, _ in built)
+    assert first >= 100 + 0.25 * 300  # the hand-made facts, and about 7 in 20 of the lm_documents
+    assert all(D.is_facts_document(d) and "ASSISTANT:" not in d for d in ordered[:first])
+    assert not any(D.is_facts_document(d) for d in ordered[first:])
+    assert all(doc in ordered[:first] for doc, facts in built if facts) and not any(doc in ordered[:first] for doc, facts in built if facts is False)
+
+
 def test_patch_words_name_each_cell_in_reading_order():
     scene = D.Scene("x", "white", [D.Shape("star", "red", "large", (0, 2), 0.83, 0.17, 0.1), D.Shape("circle", "blue", "small", (2, 0), 0.17, 0.83, 0.07)])
     words = D.grid_text(scene).split()

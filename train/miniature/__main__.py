@@ -1,4 +1,4 @@
-"""`python -m train.miniature --out DIR [--quick] [--seed N] [--install] [--no-eval]`: the demo model from scratch."""
+"""`python -m train.miniature --out DIR [--quick] [--seed N] [--install] [--no-eval] [--facts-first]`: the demo model from scratch."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip the held-out evaluation in transformers")
     parser.add_argument("--start-at", default="data", choices=("data", "pretrain", "stage1", "stage2", "eval", "convert"),
                         help="(development) skip the phases before this one, reusing what --out holds")
+    parser.add_argument("--facts-first", action="store_true",
+                        help="start the language model on the facts alone: it then learns its lookup under every seed tried (README)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for stages 1 and 2 (default 2)")
     args = parser.parse_args(argv)
 
@@ -30,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     recipe = QUICK if args.quick else FULL
     if args.threads:
         recipe = replace(recipe, threads=args.threads)
+    if args.facts_first:
+        recipe = replace(recipe, lm_facts_first=True)
     build(args.out, recipe, seed=args.seed, install=args.install, evaluate=args.evaluate, start_at=args.start_at)
     return 0
 

@@ -240,6 +240,9 @@ def patch_word(s: Shape | None) -> str:
     return EMPTY if s is None else f"{s.size}{s.color}{s.kind}"
 
 
+PATCH_WORDS = frozenset(f"{size}{color}{kind}" for size in SIZES for color in COLORS for kind in SHAPES)
+
+
 def grid_text(scene: Scene) -> str:
     """The scene as the vision tower's patches would name it: one word per patch, row by row ("empty" where
     no shape is). The language model reads this where the picture will later be, so what the projector has to
@@ -602,6 +605,13 @@ def place_list(scene: Scene, rng: random.Random) -> str:
     questions, as every place list tried in its text did, six attention heads included (150 steps on 6,000
     lists, then 3 rows in 32: colour 66%, yes/no 75%, multiple choice 26%): the recipe does not use it."""
     return "Places: " + ", ".join(f"{POSITION[s.cell]} {s.color} {s.kind}" for s in rng.sample(scene.shapes, len(scene.shapes))) + "."
+
+
+def is_facts_document(doc: str) -> bool:
+    """Whether a language-model document is patch words followed by facts (lm_document's third kind)."""
+    grid, _, rest = doc.partition("\n")
+    words = grid.split(" ")
+    return bool(rest) and len(words) == PATCHES * PATCHES and set(words) <= PATCH_WORDS | {EMPTY} and "ASSISTANT:" not in rest
 
 
 def lm_document(scene: Scene, rng: random.Random) -> str:

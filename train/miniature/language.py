@@ -109,7 +109,7 @@ class LMTraining:
     lr: float = 2e-3
     weight_decay: float = 0.0
     warmup: float = 0.03
-    easy_steps: float = 0.3  # share of the steps that draw only on the easy (one- or two-shape) documents
+    first_steps: float = 0.3  # share of the steps that draw only on the documents pretrain_lm is told come first
 
 
 def pack(tok, documents: list[str], seq: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -260,15 +260,16 @@ def pretrain_lm(
     shape: LMShape = LMShape(),
     cfg: LMTraining = LMTraining(),
     seed: int = 0,
-    easy: int = 0,
+    first: int = 0,
     log=print,
 ) -> dict:
     """Tokenizer, then a LlamaForCausalLM trained on the packed documents; both saved to out_dir.
 
     Conversations are supervised on the assistant's answers only, as stage 2 will be (their questions are
-    random draws, not worth modelling); prose on every token; patch words never. The first `easy` documents
-    (scenes of one or two shapes) make up every batch of the first `cfg.easy_steps` share of the steps: a
-    lookup among few shapes is found first, then carried over to crowded scenes.
+    random draws, not worth modelling); prose on every token; patch words never. The first `first` documents make
+    up every batch of the first `cfg.first_steps` share of the steps: the recipe puts those about one- and
+    two-shape scenes there (a lookup among few shapes is found first, then carried over to crowded scenes),
+    or with --facts-first the facts (recipe.facts_first).
     """
     start = time.time()
     train_tokenizer(out_dir, documents, shape.vocab, seed)
@@ -279,9 +280,9 @@ def pretrain_lm(
     assistant = tok("ASSISTANT", add_special_tokens=False).input_ids
     assert len(assistant) == 1, "the tokenizer must read ASSISTANT as one token"
     empty = (torch.empty(0, cfg.seq, dtype=torch.long), torch.empty(0, cfg.seq, dtype=torch.bool), torch.empty(0, cfg.seq, dtype=torch.long))
-    easy_rows, easy_chat, easy_doc = pack(tok, documents[:easy], cfg.seq) if easy else empty
-    rest_rows, rest_chat, rest_doc = pack(tok, documents[easy:], cfg.seq)
-    rows, chat, doc = torch.cat([easy_rows, rest_rows]), torch.cat([easy_chat, rest_chat]), torch.cat([easy_doc, rest_doc])
+    first_rows, first_chat, first_doc = pack(tok, documents[:first], cfg.seq) if first else empty
+    rest_rows, rest_chat, rest_doc = pack(tok, documents[first:], cfg.seq)
+    rows, chat, doc = torch.cat([first_rows, rest_rows]), torch.cat([first_chat, rest_chat]), torch.cat([first_doc, rest_doc])
     held, held_chat, held_doc = pack(tok, heldout, cfg.seq)
     log(f"language model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(rows)} rows of {cfg.seq} tokens")
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
@@ -298,11 +299,11 @@ def pretrain_lm(
         return model(inputs_embeds=composed(batch), attention_mask=mask, position_ids=positions, labels=labels).loss
 
     gen = torch.Generator().manual_seed(seed)
-    n_easy = len(easy_rows)
+    n_first = len(first_rows)
     curve = []
     model.train()
     for step in range(cfg.steps):
-        pool = n_easy if (n_easy and step < cfg.easy_steps * cfg.steps) else len(rows)
+        pool = n_first if (n_first and step < cfg.first_steps * cfg.steps) else len(rows)
         idx = torch.randint(0, pool, (cfg.batch,), generator=gen)
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup)

@@ -49,10 +49,11 @@ class Recipe:
     lm_steps: int = 1200
     lm_batch: int = 32
     lm_seq: int = 192
+    lm_facts_first: bool = False  # the language model's first phase on the facts instead of one- and two-shape scenes
     stage1: StageSettings = StageSettings(epochs=1.0, batch=32, lr=1e-3)
     stage2: StageSettings = StageSettings(epochs=3.0, batch=32, lr=1e-3)
     eval_limit: int = 100  # questions per kind in the transformers evaluation (0: all)
-    lm_probe: int = 40  # questions per kind asked of the pre-trained language model about patch words
+    lm_probe: int = 200  # questions per kind asked of the pre-trained language model about patch words (seconds)
     outtype: str = "q8_0"
     threads: int = 2
 
@@ -145,6 +146,23 @@ def _curve(losses: list[float]) -> dict:
     return {"steps": len(losses), "loss_start": sum(losses[:k]) / k, "loss_end": sum(losses[-k:]) / k, "loss": losses}
 
 
+def facts_first(documents: list[str]) -> tuple[list[str], int]:
+    """The language model's documents with the facts (data.facts) first, and how many they are: with
+    `--facts-first` the first phase of its pre-training (LMTraining.first_steps) draws on them alone, instead
+    of on the documents about one- and two-shape scenes.
+
+    A fact is the lookup in one hop ("The star red is ...": the word that finds the shape, then what it
+    finds); a question needs it in two (find "star" in the question, then its patch). Learnt from the usual
+    first phase, whether the language model learns the lookup by kind at all is a draw: seed 1 ends at
+    colour 55-65% from text in three runs (the colour of any shape in the picture), seed 0 at 88-91%. With
+    the facts first it forms within 90-240 steps of the whole mix under seeds 0, 1, 2 and 3 alike. It is not
+    the default because the seed-0 demo it gives is no better (README, "The demo model").
+    """
+    facts = [d for d in documents if D.is_facts_document(d)]
+    rest = [d for d in documents if not D.is_facts_document(d)]
+    return facts + rest, len(facts)
+
+
 def _pretrain(out: Path, recipe: Recipe, seed: int, paths: dict, done, log) -> None:
     """The vision tower, then the language model (the tower is a minute's work; the language model the most)."""
     import torch
@@ -159,13 +177,17 @@ def _pretrain(out: Path, recipe: Recipe, seed: int, paths: dict, done, log) -> N
     docs = D.read_lm_documents(paths["lm"])
     held = max(20, len(docs) // 50)
     cfg = L.LMTraining(steps=recipe.lm_steps, batch=recipe.lm_batch, seq=recipe.lm_seq)
-    easy = int(recipe.sizes.lm_documents * recipe.sizes.lm_easy)
-    lm = L.pretrain_lm(out / "lm", docs[:-held], docs[-held:], cfg=cfg, seed=seed, easy=easy, log=log)
+    if recipe.lm_facts_first:
+        ordered, first = facts_first(docs[:-held])
+    else:  # data.write_dataset puts the documents about one- and two-shape scenes first
+        ordered, first = docs[:-held], int(recipe.sizes.lm_documents * recipe.sizes.lm_easy)
+    lm = L.pretrain_lm(out / "lm", ordered, docs[-held:], cfg=cfg, seed=seed, first=first, log=log)
     t_qa = time.time()
     qa = L.grid_qa_accuracy(out / "lm", per_kind=recipe.lm_probe, seed=seed) if recipe.lm_probe else {}
     if qa:
         log("language model on patch words (text only): " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in qa.items()))
-    done("language", {"seconds": lm["seconds"] + time.time() - t_qa, **_curve(lm["loss"]), "heldout_loss": lm["heldout_loss"], "text_qa": qa})
+    done("language", {"seconds": lm["seconds"] + time.time() - t_qa, **_curve(lm["loss"]), "heldout_loss": lm["heldout_loss"], "text_qa": qa,
+                      "first_phase": {"documents": first, "facts": recipe.lm_facts_first}})
 
 
 def write_examples(data_dir: Path, folder: Path) -> list[str]:
