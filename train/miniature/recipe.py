@@ -53,7 +53,7 @@ class Recipe:
     stage1: StageSettings = StageSettings(epochs=1.0, batch=32, lr=1e-3)
     stage2: StageSettings = StageSettings(epochs=3.0, batch=32, lr=1e-3)
     eval_limit: int = 100  # questions per kind in the transformers evaluation (0: all)
-    lm_probe: int = 200  # questions per kind asked of the pre-trained language model about patch words (seconds)
+    lm_probe: int = 200  # questions per kind asked of the pre-trained language model about patch words (about 10 s)
     outtype: str = "q8_0"
     threads: int = 2
 
@@ -158,9 +158,9 @@ def facts_first(documents: list[str]) -> tuple[list[str], int]:
     the facts first it forms within 90-240 steps of the whole mix under seeds 0, 1, 2 and 3 alike. It is not
     the default because the seed-0 demo it gives is no better (README, "The demo model").
     """
-    facts = [d for d in documents if D.is_facts_document(d)]
-    rest = [d for d in documents if not D.is_facts_document(d)]
-    return facts + rest, len(facts)
+    is_facts = [D.is_facts_document(d) for d in documents]
+    facts = [d for d, f in zip(documents, is_facts) if f]
+    return facts + [d for d, f in zip(documents, is_facts) if not f], len(facts)
 
 
 def _pretrain(out: Path, recipe: Recipe, seed: int, paths: dict, done, log) -> None:
