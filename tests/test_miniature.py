@@ -40,20 +40,22 @@ def test_the_language_models_first_phase_is_the_easy_scenes(quick_run):
     from train.miniature import data as D
     from train.miniature.recipe import QUICK
 
-    first = json.loads((quick_run / "recipe.json").read_text())["phases"]["language"]["first_phase"]
-    assert first == {"documents": int(QUICK.sizes.lm_documents * QUICK.sizes.lm_easy), "facts": False}
+    phases = json.loads((quick_run / "recipe.json").read_text())["phases"]["language"]["first_phases"]
+    easy = int(QUICK.sizes.lm_documents * QUICK.sizes.lm_easy)
+    assert phases == [{"draws_on": "easy", "documents": easy, "steps": int(0.3 * QUICK.lm_steps)}]
     docs = D.read_lm_documents(quick_run / "data" / "lm.txt")
     shapes = [sum(w in D.PATCH_WORDS for w in d.split()) for d in docs]  # a document shows one grid at most
-    assert max(shapes[: first["documents"]]) <= 2 < max(shapes[first["documents"] :])
+    assert max(shapes[:easy]) <= 2 < max(shapes[easy:])
 
 
 @pytest.mark.slow
-def test_facts_first_starts_the_language_model_on_the_facts(tmp_path):
-    """`--facts-first` reaches the trainer: its first phase is exactly the facts documents."""
+def test_lm_phases_start_the_language_model_on_the_place_questions_then_the_facts(tmp_path):
+    """`--lm-phases places:0.25,facts:0.2` reaches the trainer: all the by-place questions, then every facts document."""
     from train.miniature import data as D
+    from train.miniature.recipe import QUICK
 
     run = subprocess.run(
-        [sys.executable, "-m", "train.miniature", "--out", str(tmp_path), "--quick", "--facts-first", "--no-eval", "--threads", "1"],
+        [sys.executable, "-m", "train.miniature", "--out", str(tmp_path), "--quick", "--lm-phases", "places:0.25,facts:0.2", "--no-eval", "--threads", "1"],
         capture_output=True, text=True, timeout=1800, cwd=Path(__file__).resolve().parents[1],
     )
     assert run.returncode == 0, run.stderr[-3000:]
@@ -61,8 +63,19 @@ def test_facts_first_starts_the_language_model_on_the_facts(tmp_path):
     docs = D.read_lm_documents(tmp_path / "data" / "lm.txt")
     held = max(20, len(docs) // 50)
     facts = sum(D.is_facts_document(d) for d in docs[:-held])
-    assert phase["first_phase"] == {"documents": facts, "facts": True} and 0 < facts < len(docs) - held
+    assert phase["first_phases"] == [
+        {"draws_on": "places", "documents": QUICK.sizes.lm_place_questions, "steps": int(0.25 * QUICK.lm_steps)},
+        {"draws_on": "facts", "documents": facts, "steps": int(0.2 * QUICK.lm_steps)},
+    ] and 0 < facts < len(docs) - held
     assert phase["loss_end"] < phase["loss_start"]
+
+
+def test_lm_phases_that_make_no_sense_are_refused_in_one_line():
+    run = subprocess.run(
+        [sys.executable, "-m", "train.miniature", "--out", "unused", "--lm-phases", "facts:0.7,places:0.4"],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert run.returncode == 2 and "leave steps for the whole text" in run.stderr and "Traceback" not in run.stderr
 
 
 @pytest.mark.slow

@@ -185,17 +185,34 @@ def test_stage1_captions_name_every_shape():
         assert scene.background in cap
 
 
+def test_stage1_pairs_state_the_facts_only_when_asked():
+    """Sizes.stage1_facts: the share of stage-1 pairs whose text is the scene's facts; at 0, the brief captions
+    exactly as before (the same draws, so the shipped recipe's data is unchanged)."""
+    scenes = [D.make_scene(random.Random(i), str(i)) for i in range(200)]
+    plain = [D.stage1_sample(s, "x.png", random.Random(7 + i)) for i, s in enumerate(scenes)]
+    zero = [D.stage1_sample(s, "x.png", random.Random(7 + i), 0.0) for i, s in enumerate(scenes)]
+    assert zero == plain
+    half = [D.stage1_sample(s, "x.png", random.Random(7 + i), 0.5)["conversations"][1]["value"] for i, s in enumerate(scenes)]
+    stated = [i for i, text in enumerate(half) if "background" not in text]  # every brief caption names the background
+    assert 60 < len(stated) < 140
+    for i in stated:
+        assert half[i].endswith(("Yes.", "No.", ".")) and all(s.color in half[i].lower() and s.kind in half[i] for s in scenes[i].shapes), half[i]
+
+
 def test_lm_documents_use_the_vicuna_template_or_prose(dataset):
     docs = D.read_lm_documents(dataset / "lm.txt")
     assert len(docs) == SMALL.lm_documents
     chats = [d for d in docs if "ASSISTANT:" in d]
     assert chats and len(chats) < len(docs)
     assert all(d.startswith(("A chat between a curious user", "USER: ")) and d.endswith("</s>") for d in chats)
+    places = D.read_lm_documents(dataset / "lm-places.txt")
+    assert len(places) == SMALL.lm_place_questions and all(d.startswith("USER: ") and d.endswith("</s>") for d in places)
 
 
-def test_the_facts_come_first_in_the_language_models_text():
-    """recipe.facts_first picks out exactly the documents built as patch words then facts, and puts them first."""
-    from train.miniature.recipe import facts_first
+def test_the_language_models_first_phases_take_their_documents_in_order():
+    """recipe.order_for_phases: the by-place questions, then exactly the documents built as patch words then
+    facts, then everything else, untouched and in order; each phase as many documents as it drew."""
+    from train.miniature.recipe import order_for_phases
 
     rng = random.Random(0)
     scenes = [D.make_scene(rng, str(i)) for i in range(400)]
@@ -203,12 +220,38 @@ def test_the_facts_come_first_in_the_language_models_text():
     built += [(D.lm_document(s, rng), None) for s in scenes[100:]]
     built += [(D.grid_text(s) + " " + D.caption(s, rng) + "\n", False) for s in scenes[:50]]
     built += [(D.caption(s, rng) + " " + D.description(s), False) for s in scenes[:50]]
-    ordered, first = facts_first([doc for doc, _ in built])
-    assert sorted(ordered) == sorted(doc for doc, _ in built)
-    assert first >= 100 + 0.25 * 300  # the hand-made facts, and about 7 in 20 of the lm_documents
-    assert all(D.is_facts_document(d) and "ASSISTANT:" not in d for d in ordered[:first])
-    assert not any(D.is_facts_document(d) for d in ordered[first:])
-    assert all(doc in ordered[:first] for doc, facts in built if facts) and not any(doc in ordered[:first] for doc, facts in built if facts is False)
+    documents = [doc for doc, _ in built]
+    places = [D.place_question_document(s, rng) for s in scenes[:30]]
+    ordered, phases = order_for_phases(documents, places, (("places", 0.25), ("facts", 0.2)), easy=0)
+    n_facts = phases[1][0]
+    assert phases == [(30, 0.25), (n_facts, 0.2)] and n_facts >= 100 + 0.25 * 300  # the hand-made facts, and about 7 in 20 others
+    assert ordered[:30] == places and sorted(ordered[30:]) == sorted(documents)
+    assert all(D.is_facts_document(d) for d in ordered[30 : 30 + n_facts])
+    assert ordered[30 + n_facts :] == [d for d in documents if not D.is_facts_document(d)]
+    assert all(doc in ordered[30 : 30 + n_facts] for doc, facts in built if facts)
+
+    ordered, phases = order_for_phases(documents, places, (("easy", 0.3),), easy=120)  # the by-place questions only when named
+    assert ordered == documents and phases == [(120, 0.3)]
+
+
+def test_a_place_question_document_asks_by_place_and_answers_truly():
+    """data.place_question_document: one vicuna_v1 turn after the patch words, with LLaVA's short-answer suffix,
+    a question that names its shape by place only, and that shape's colour or kind as the answer."""
+    from llavacli.prompts import SHORT_ANSWER
+
+    rng = random.Random(1)
+    kinds = Counter()
+    for i in range(60):
+        scene = D.make_scene(rng, str(i))
+        doc = D.place_question_document(scene, rng)
+        assert doc.startswith("USER: " + D.grid_text(scene) + "\n") and doc.endswith("</s>"), doc
+        question, answer = doc[len("USER: " + D.grid_text(scene) + "\n") :].removesuffix("</s>").split(" ASSISTANT: ")
+        question = question.removesuffix("\n" + SHORT_ANSWER)
+        named = [s for s in scene.shapes if question.rstrip("?").removesuffix(" have").endswith(D.WHERE[s.cell])]
+        assert len(named) == 1, question
+        kinds[answer in D.COLORS] += 1
+        assert answer == (named[0].color if answer in D.COLORS else named[0].kind), (question, answer, scene.shapes)
+    assert kinds[True] > 15 and kinds[False] > 15  # colour and shape questions alike
 
 
 def test_patch_words_name_each_cell_in_reading_order():

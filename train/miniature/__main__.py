@@ -1,10 +1,41 @@
-"""`python -m train.miniature --out DIR [--quick] [--seed N] [--install] [--no-eval] [--facts-first]`: the demo model from scratch."""
+"""`python -m train.miniature --out DIR [--quick] [--seed N] [--install] [--no-eval] [--lm-phases SPEC] [--stage1-facts SHARE]`: the demo model from scratch."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+
+from train.miniature.recipe import LM_PHASES, Recipe
+
+
+def share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a share between 0 and 1")
+    return value
+
+
+def phases_spec(text: str) -> tuple[tuple[str, float], ...]:
+    """"places:0.25,facts:0.225" -> (("places", 0.25), ("facts", 0.225)); "none" -> ()."""
+    if text.strip() == "none":
+        return ()
+    phases = []
+    for part in text.split(","):
+        name, _, share = part.strip().partition(":")
+        try:
+            value = float(share)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r}: expected NAME:SHARE, such as facts:0.3") from None
+        if name not in LM_PHASES or not 0 < value < 1:
+            raise argparse.ArgumentTypeError(f"{part!r}: NAME is one of {', '.join(LM_PHASES)} and SHARE between 0 and 1")
+        phases.append((name, value))
+    if sum(v for _, v in phases) >= 1:
+        raise argparse.ArgumentTypeError("the first phases must leave steps for the whole text")
+    return tuple(phases)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,8 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip the held-out evaluation in transformers")
     parser.add_argument("--start-at", default="data", choices=("data", "pretrain", "stage1", "stage2", "eval", "convert"),
                         help="(development) skip the phases before this one, reusing what --out holds")
-    parser.add_argument("--facts-first", action="store_true",
-                        help="start the language model on the facts alone: it then learns its lookup under every seed tried (README)")
+    parser.add_argument("--lm-phases", type=phases_spec, default=None, metavar="SPEC",
+                        help="the language model's first phases, in order, as NAME:SHARE_OF_STEPS,... (default "
+                        + ",".join(f"{name}:{part}" for name, part in Recipe.lm_phases) + "; 'none' for none); NAME is one of: "
+                        + "; ".join(f"{k}, {v}" for k, v in LM_PHASES.items()))
+    parser.add_argument("--stage1-facts", type=share, default=None, metavar="SHARE",
+                        help="share of the stage-1 pairs that state the scene's facts instead of a brief caption (default 0)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for stages 1 and 2 (default 2)")
     args = parser.parse_args(argv)
 
@@ -32,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     recipe = QUICK if args.quick else FULL
     if args.threads:
         recipe = replace(recipe, threads=args.threads)
-    if args.facts_first:
-        recipe = replace(recipe, lm_facts_first=True)
+    if args.stage1_facts is not None:
+        recipe = replace(recipe, sizes=replace(recipe.sizes, stage1_facts=args.stage1_facts))
+    if args.lm_phases is not None:
+        recipe = replace(recipe, lm_phases=args.lm_phases)
     build(args.out, recipe, seed=args.seed, install=args.install, evaluate=args.evaluate, start_at=args.start_at)
     return 0
 

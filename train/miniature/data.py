@@ -516,7 +516,16 @@ def short_prompt(qa: QA) -> str:
     return qa.question + "\n" + (OPTION_LETTER if qa.choices else SHORT_ANSWER)
 
 
-def stage1_sample(scene: Scene, image: str, rng: random.Random) -> dict:
+def stage1_sample(scene: Scene, image: str, rng: random.Random, facts_share: float = 0.0) -> dict:
+    """A stage-1 pair: a request for a brief caption and the caption, or with probability facts_share the scene's
+    facts (`facts`) in its place.
+
+    A brief caption lists the shapes in reading order, the order of the image tokens, so the frozen language
+    model can say it by reading the tokens one after another: it asks nothing of the projector about where a
+    patch is, nor which colour goes with which kind. The facts look each shape up by kind, colour and place,
+    as the language model learnt to from patch words, so the projector must give it patches it can look up."""
+    if facts_share and rng.random() < facts_share:
+        return {"id": scene.id, "image": image, "conversations": _turns([(rng.choice(Q_BRIEF), facts(scene, rng))])}
     return {"id": scene.id, "image": image, "conversations": _turns([(rng.choice(Q_BRIEF), caption(scene, rng))])}
 
 
@@ -607,6 +616,22 @@ def place_list(scene: Scene, rng: random.Random) -> str:
     return "Places: " + ", ".join(f"{POSITION[s.cell]} {s.color} {s.kind}" for s in rng.sample(scene.shapes, len(scene.shapes))) + "."
 
 
+def place_question_document(scene: Scene, rng: random.Random) -> str:
+    """A colour or shape question that names its shape by place, asked and answered as a one-turn vicuna_v1
+    conversation (no system prompt) about the scene's patch words: "USER: <patch words>\nWhat color is the
+    shape in the top left corner?\nAnswer the question using a single word or phrase. ASSISTANT: red</s>".
+
+    The lookup by place (find the patch whose place the question names, read its colour or kind) does not
+    form from the usual text, where these are about one question in twelve. As the language model's first phase
+    (`--lm-phases places:...`) it forms within 150 steps from text, but the demo model it gives is worse
+    on pictures (README, "The demo model"), so the recipe does not use them by default."""
+    from llavacli.prompts import Turn, get_template
+
+    qa = qa_color(scene, rng, by_place=True) if rng.random() < 0.5 else qa_shape(scene, rng, by_place=True)
+    template = get_template("vicuna_v1")
+    return template.render([Turn(grid_text(scene) + "\n" + short_prompt(qa), 0, qa.short)])[len(template.opening()) :]
+
+
 def is_facts_document(doc: str) -> bool:
     """Whether a language-model document is patch words followed by facts (lm_document's third kind)."""
     grid, _, rest = doc.partition("\n")
@@ -665,10 +690,12 @@ class Sizes:
     train_images: int = 6000
     test_images: int = 300
     stage1_per_image: int = 1
+    stage1_facts: float = 0.0  # share of the stage-1 pairs whose text is the scene's facts, not a brief caption
     stage2_per_image: int = 1
     eval_per_kind: int = 250
     lm_documents: int = 30000
     lm_easy: float = 0.3  # share of the language model's documents whose scenes have one or two shapes
+    lm_place_questions: int = 8000  # by-place questions (place_question_document), a first phase of the language model
 
 
 def dataset_paths(out: Path) -> dict[str, Path]:
@@ -679,6 +706,7 @@ def dataset_paths(out: Path) -> dict[str, Path]:
         "test_stage2": out / "test-stage2.json",
         "eval": out / "eval" / "questions.jsonl",
         "lm": out / "lm.txt",
+        "lm_places": out / "lm-places.txt",
     }
 
 
@@ -687,7 +715,7 @@ def write_dataset(out: Path, sizes: Sizes = Sizes(), seed: int = 0, progress=Non
 
     out/images/{train,test}/NNNNN.png, out/scenes-{train,test}.jsonl, out/stage1.json, out/stage2.json,
     out/test-stage2.json (held-out conversations), out/eval/questions.jsonl (image paths relative to the
-    file's folder), out/lm.txt (one document per line, newlines escaped as \\n).
+    file's folder), out/lm.txt and out/lm-places.txt (one document per line, newlines escaped as \\n).
     """
     out.mkdir(parents=True, exist_ok=True)
     paths = dataset_paths(out)
@@ -709,7 +737,7 @@ def write_dataset(out: Path, sizes: Sizes = Sizes(), seed: int = 0, progress=Non
         return f"{split}/{i:05d}.png"
 
     rng = random.Random(f"miniature/{seed}/text")
-    stage1 = [stage1_sample(s, image_of("train", i), rng) for _ in range(sizes.stage1_per_image) for i, s in enumerate(scenes["train"])]
+    stage1 = [stage1_sample(s, image_of("train", i), rng, sizes.stage1_facts) for _ in range(sizes.stage1_per_image) for i, s in enumerate(scenes["train"])]
     stage2 = [stage2_sample(s, image_of("train", i), rng) for _ in range(sizes.stage2_per_image) for i, s in enumerate(scenes["train"])]
     rng.shuffle(stage1)
     rng.shuffle(stage2)
@@ -728,6 +756,11 @@ def write_dataset(out: Path, sizes: Sizes = Sizes(), seed: int = 0, progress=Non
             rng = scene_rng(seed, "lm", i)
             scene = make_scene(rng, f"lm-{i}", rng.randint(1, 2) if i < n_easy else None)
             f.write(lm_document(scene, trng).replace("\n", "\\n") + "\n")
+    prng = random.Random(f"miniature/{seed}/lm-places")
+    with open(paths["lm_places"], "w") as f:
+        for i in range(sizes.lm_place_questions):
+            scene = make_scene(scene_rng(seed, "lm-places", i), f"lm-places-{i}")
+            f.write(place_question_document(scene, prng).replace("\n", "\\n") + "\n")
     return paths
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,7 +110,6 @@ class LMTraining:
     lr: float = 2e-3
     weight_decay: float = 0.0
     warmup: float = 0.03
-    first_steps: float = 0.3  # share of the steps that draw only on the documents pretrain_lm is told come first
 
 
 def pack(tok, documents: list[str], seq: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -260,16 +260,17 @@ def pretrain_lm(
     shape: LMShape = LMShape(),
     cfg: LMTraining = LMTraining(),
     seed: int = 0,
-    first: int = 0,
+    phases: Sequence[tuple[int, float]] = (),
     log=print,
 ) -> dict:
     """Tokenizer, then a LlamaForCausalLM trained on the packed documents; both saved to out_dir.
 
     Conversations are supervised on the assistant's answers only, as stage 2 will be (their questions are
-    random draws, not worth modelling); prose on every token; patch words never. The first `first` documents make
-    up every batch of the first `cfg.first_steps` share of the steps: the recipe puts those about one- and
-    two-shape scenes there (a lookup among few shapes is found first, then carried over to crowded scenes),
-    or with --facts-first the facts (recipe.facts_first).
+    random draws, not worth modelling); prose on every token; patch words never. `phases` are first phases,
+    each (how many documents, share of the steps): the first draws every batch from the first n documents
+    alone, the next from the n after them, and so on; after them every batch draws on all the documents. The
+    recipe puts there the documents about one- and two-shape scenes (a lookup among few shapes is found
+    first, then carried over to crowded scenes), or what `--lm-phases` names (recipe.Recipe.lm_phases).
     """
     start = time.time()
     train_tokenizer(out_dir, documents, shape.vocab, seed)
@@ -279,10 +280,18 @@ def pretrain_lm(
     composed = composed_embedding(model, tok)
     assistant = tok("ASSISTANT", add_special_tokens=False).input_ids
     assert len(assistant) == 1, "the tokenizer must read ASSISTANT as one token"
-    empty = (torch.empty(0, cfg.seq, dtype=torch.long), torch.empty(0, cfg.seq, dtype=torch.bool), torch.empty(0, cfg.seq, dtype=torch.long))
-    first_rows, first_chat, first_doc = pack(tok, documents[:first], cfg.seq) if first else empty
-    rest_rows, rest_chat, rest_doc = pack(tok, documents[first:], cfg.seq)
-    rows, chat, doc = torch.cat([first_rows, rest_rows]), torch.cat([first_chat, rest_chat]), torch.cat([first_doc, rest_doc])
+    if any(n <= 0 for n, _ in phases):
+        raise ValueError(f"every first phase needs documents: {phases}")
+    bounds = [0]
+    for n, _ in phases:
+        bounds.append(bounds[-1] + n)
+    groups = [pack(tok, documents[a:b], cfg.seq) for a, b in zip(bounds, bounds[1:] + [len(documents)])]
+    rows, chat, doc = (torch.cat([g[i] for g in groups]) for i in range(3))
+    pools, row, step_end = [], 0, 0.0  # (last step, first row, end row) of each first phase
+    for (_, share), group in zip(phases, groups):
+        step_end += share * cfg.steps
+        pools.append((step_end, row, row + len(group[0])))
+        row += len(group[0])
     held, held_chat, held_doc = pack(tok, heldout, cfg.seq)
     log(f"language model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(rows)} rows of {cfg.seq} tokens")
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
@@ -299,12 +308,11 @@ def pretrain_lm(
         return model(inputs_embeds=composed(batch), attention_mask=mask, position_ids=positions, labels=labels).loss
 
     gen = torch.Generator().manual_seed(seed)
-    n_first = len(first_rows)
     curve = []
     model.train()
     for step in range(cfg.steps):
-        pool = n_first if (n_first and step < cfg.first_steps * cfg.steps) else len(rows)
-        idx = torch.randint(0, pool, (cfg.batch,), generator=gen)
+        lo, hi = next(((a, b) for end, a, b in pools if step < end), (0, len(rows)))
+        idx = torch.randint(lo, hi, (cfg.batch,), generator=gen)
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup)
         loss = loss_of(rows[idx], chat[idx], doc[idx])

@@ -32,7 +32,8 @@ from train.miniature import data as D
 from train.miniature import language as L
 
 ASKS = {"colour": (D.qa_color,), "shape": (D.qa_shape,), "exists": (D.qa_exists,), "both": (D.qa_color, D.qa_shape),
-        "all": (D.qa_color, D.qa_shape, D.qa_exists)}
+        "all": (D.qa_color, D.qa_shape, D.qa_exists),
+        "place": (partial(D.qa_color, by_place=True), partial(D.qa_shape, by_place=True))}
 HELD_OUT = (("colour", D.qa_color), ("shape", D.qa_shape), ("yes/no", D.qa_exists),
             ("colour by place", partial(D.qa_color, by_place=True)), ("shape by place", partial(D.qa_shape, by_place=True)))
 TOKENIZER_DOCUMENTS = 2000  # enough for every patch word to be one piece
