@@ -78,6 +78,17 @@ def test_lm_phases_that_make_no_sense_are_refused_in_one_line():
     assert run.returncode == 2 and "leave steps for the whole text" in run.stderr and "Traceback" not in run.stderr
 
 
+def test_starting_past_phases_that_left_nothing_is_one_line(tmp_path):
+    """`--start-at convert` on a folder with no stage-2 checkpoint: a one-line error, exit 1, nothing written."""
+    run = subprocess.run(
+        [sys.executable, "-m", "train.miniature", "--out", str(tmp_path / "run"), "--start-at", "convert", "--no-eval"],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert "llava-hf: no such directory" in run.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "run" / "gguf").exists()
+
+
 @pytest.mark.slow
 def test_stage1_trains_the_projector_and_stage2_starts_from_it(quick_run):
     assert (quick_run / "stage1" / "projector.safetensors").is_file()

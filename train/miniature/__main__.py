@@ -25,13 +25,13 @@ def phases_spec(text: str) -> tuple[tuple[str, float], ...]:
         return ()
     phases = []
     for part in text.split(","):
-        name, _, share = part.strip().partition(":")
+        name, _, text_value = part.strip().partition(":")
         try:
-            value = float(share)
+            value = float(text_value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{part!r}: expected NAME:SHARE, such as facts:0.3") from None
+            value = 0.0
         if name not in LM_PHASES or not 0 < value < 1:
-            raise argparse.ArgumentTypeError(f"{part!r}: NAME is one of {', '.join(LM_PHASES)} and SHARE between 0 and 1")
+            raise argparse.ArgumentTypeError(f"{part!r}: expected NAME:SHARE, NAME one of {', '.join(LM_PHASES)} and SHARE between 0 and 1")
         phases.append((name, value))
     if sum(v for _, v in phases) >= 1:
         raise argparse.ArgumentTypeError("the first phases must leave steps for the whole text")
@@ -71,7 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         recipe = replace(recipe, sizes=replace(recipe.sizes, stage1_facts=args.stage1_facts))
     if args.lm_phases is not None:
         recipe = replace(recipe, lm_phases=args.lm_phases)
-    build(args.out, recipe, seed=args.seed, install=args.install, evaluate=args.evaluate, start_at=args.start_at)
+    from llavacli.errors import LlavaError
+
+    try:
+        build(args.out, recipe, seed=args.seed, install=args.install, evaluate=args.evaluate, start_at=args.start_at)
+    except LlavaError as e:  # e.g. --start-at past phases that --out holds nothing of
+        print(f"python -m train.miniature: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

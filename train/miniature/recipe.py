@@ -169,6 +169,8 @@ def order_for_phases(documents: list[str], place_questions: list[str], phases, e
     rest = list(enumerate(documents))
     ordered, taken = [], []
     for name, share in phases:
+        if name not in LM_PHASES:
+            raise ValueError(f"no such first phase {name!r}: one of {', '.join(LM_PHASES)}")
         if name == "places":
             group = place_questions
         else:
