@@ -165,7 +165,8 @@ def order_for_phases(documents: list[str], place_questions: list[str], phases, e
     ...": the word that finds the shape, then what it finds) make the lookup by kind form under every seed
     tried, where after the one- and two-shape scenes it formed for seed 0 only (seed 1: colour 55-65% from
     text in three runs). The lookup by place forms from nothing in the text but by-place questions alone;
-    after them the facts, then the whole mix, keep it (README, "The demo model")."""
+    whether it lasts through the facts and the whole mix after them, and the other lookups form, is again a
+    draw (README, "The demo model")."""
     rest = list(enumerate(documents))
     ordered, taken = [], []
     for name, share in phases:
