@@ -49,13 +49,15 @@ def test_the_language_models_first_phase_is_the_easy_scenes(quick_run):
 
 
 @pytest.mark.slow
-def test_lm_phases_start_the_language_model_on_the_place_questions_then_the_facts(tmp_path):
-    """`--lm-phases places:0.25,facts:0.2` reaches the trainer: all the by-place questions, then every facts document."""
+def test_lm_phases_and_heads_reach_the_language_model(tmp_path):
+    """`--lm-phases places:0.25,facts:0.2` reaches the trainer: all the by-place questions, then every facts
+    document; `--lm-late-places 0.5:0.25` mixes them into the second half's batches, 2 rows of 8; `--lm-heads 4`
+    gives the saved language model four heads."""
     from train.miniature import data as D
     from train.miniature.recipe import QUICK
 
     run = subprocess.run(
-        [sys.executable, "-m", "train.miniature", "--out", str(tmp_path), "--quick", "--lm-phases", "places:0.25,facts:0.2", "--no-eval", "--threads", "1"],
+        [sys.executable, "-m", "train.miniature", "--out", str(tmp_path), "--quick", "--lm-phases", "places:0.25,facts:0.2", "--lm-late-places", "0.5:0.25", "--lm-heads", "4", "--no-eval", "--threads", "1"],
         capture_output=True, text=True, timeout=1800, cwd=Path(__file__).resolve().parents[1],
     )
     assert run.returncode == 0, run.stderr[-3000:]
@@ -67,7 +69,10 @@ def test_lm_phases_start_the_language_model_on_the_place_questions_then_the_fact
         {"draws_on": "places", "documents": QUICK.sizes.lm_place_questions, "steps": int(0.25 * QUICK.lm_steps)},
         {"draws_on": "facts", "documents": facts, "steps": int(0.2 * QUICK.lm_steps)},
     ] and 0 < facts < len(docs) - held
+    assert phase["late_places"] == {"documents": QUICK.sizes.lm_place_questions, "from_step": QUICK.lm_steps // 2, "rows_per_batch": 2}
     assert phase["loss_end"] < phase["loss_start"]
+    config = json.loads((tmp_path / "lm" / "config.json").read_text())
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["hidden_size"]) == (4, 4, 192)
 
 
 def test_lm_phases_that_make_no_sense_are_refused_in_one_line():
@@ -76,6 +81,15 @@ def test_lm_phases_that_make_no_sense_are_refused_in_one_line():
         capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1],
     )
     assert run.returncode == 2 and "leave steps for the whole text" in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("option", [["--lm-late-places", "0.6"], ["--lm-late-places", "1:0.1"], ["--lm-heads", "5"]])
+def test_language_model_options_out_of_range_are_refused_in_one_line(option):
+    run = subprocess.run(
+        [sys.executable, "-m", "train.miniature", "--out", "unused", *option],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert run.returncode == 2 and option[0] in run.stderr and "Traceback" not in run.stderr and not (Path(__file__).resolve().parents[1] / "unused").exists()
 
 
 def test_starting_past_phases_that_left_nothing_is_one_line(tmp_path):

@@ -624,7 +624,7 @@ def place_question_document(scene: Scene, rng: random.Random) -> str:
     The lookup by place (find the patch whose place the question names, read its colour or kind) does not
     form from the usual text, where these are about one question in twelve. As the language model's first phase
     (`--lm-phases places:...`) it forms within 150 steps from text, but the demo model it gives is worse
-    on pictures (README, "The demo model"), so the recipe does not use them by default."""
+    on pictures (docs/demo-model.md), so the recipe does not use them by default."""
     from llavacli.prompts import Turn, get_template
 
     qa = qa_color(scene, rng, by_place=True) if rng.random() < 0.5 else qa_shape(scene, rng, by_place=True)

@@ -261,6 +261,7 @@ def pretrain_lm(
     cfg: LMTraining = LMTraining(),
     seed: int = 0,
     phases: Sequence[tuple[int, float]] = (),
+    late: tuple[list[str], float, float] | None = None,
     log=print,
 ) -> dict:
     """Tokenizer, then a LlamaForCausalLM trained on the packed documents; both saved to out_dir.
@@ -271,6 +272,8 @@ def pretrain_lm(
     alone, the next from the n after them, and so on; after them every batch draws on all the documents. The
     recipe puts there the documents about one- and two-shape scenes (a lookup among few shapes is found
     first, then carried over to crowded scenes), or what `--lm-phases` names (recipe.Recipe.lm_phases).
+    `late` is (documents, from, share): from that share of the steps on, that share of every batch is drawn
+    from these documents alone (`--lm-late-places`).
     """
     start = time.time()
     train_tokenizer(out_dir, documents, shape.vocab, seed)
@@ -292,6 +295,8 @@ def pretrain_lm(
         step_end += share * cfg.steps
         pools.append((step_end, row, row + len(group[0])))
         row += len(group[0])
+    late_rows = pack(tok, late[0], cfg.seq) if late else None
+    late_from, late_count = (int(late[1] * cfg.steps), round(late[2] * cfg.batch)) if late else (cfg.steps, 0)
     held, held_chat, held_doc = pack(tok, heldout, cfg.seq)
     log(f"language model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(rows)} rows of {cfg.seq} tokens")
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
@@ -312,10 +317,15 @@ def pretrain_lm(
     model.train()
     for step in range(cfg.steps):
         lo, hi = next(((a, b) for end, a, b in pools if step < end), (0, len(rows)))
-        idx = torch.randint(lo, hi, (cfg.batch,), generator=gen)
+        mixed = late_count if step >= late_from else 0
+        idx = torch.randint(lo, hi, (cfg.batch - mixed,), generator=gen)
+        batch = [rows[idx], chat[idx], doc[idx]]
+        if mixed:
+            late_idx = torch.randint(0, len(late_rows[0]), (mixed,), generator=gen)
+            batch = [torch.cat([b, extra[late_idx]]) for b, extra in zip(batch, late_rows)]
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup)
-        loss = loss_of(rows[idx], chat[idx], doc[idx])
+        loss = loss_of(*batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

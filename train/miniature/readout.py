@@ -9,7 +9,7 @@ about.
 
 On the shipped demo's run the tower tells the cell of a patch with a shape 99.6% of the time and the
 projector's output 70%. That is a symptom, not the cause: a linear projector keeps the place (99.3%) and
-the by-place questions score the same (README, "The demo model").
+the by-place questions score the same (docs/demo-model.md).
 """
 
 from __future__ import annotations

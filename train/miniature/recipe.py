@@ -51,6 +51,9 @@ class Recipe:
     lm_seq: int = 192
     # the language model's first phases, in order, each (what it draws on: LM_PHASES, share of the steps); then everything
     lm_phases: tuple[tuple[str, float], ...] = (("easy", 0.3),)
+    # (from, share): from that share of the language model's steps on, that share of every batch is by-place questions
+    lm_late_places: tuple[float, float] | None = None
+    lm_heads: int = 3  # attention heads of the language model (its width stays 192, so each head is 192 / lm_heads wide)
     stage1: StageSettings = StageSettings(epochs=1.0, batch=32, lr=1e-3)
     stage2: StageSettings = StageSettings(epochs=3.0, batch=32, lr=1e-3)
     eval_limit: int = 100  # questions per kind in the transformers evaluation (0: all)
@@ -166,7 +169,7 @@ def order_for_phases(documents: list[str], place_questions: list[str], phases, e
     tried, where after the one- and two-shape scenes it formed for seed 0 only (seed 1: colour 55-65% from
     text in three runs). The lookup by place forms from nothing in the text but by-place questions alone;
     whether it lasts through the facts and the whole mix after them, and the other lookups form, is again a
-    draw (README, "The demo model")."""
+    draw (docs/demo-model.md)."""
     rest = list(enumerate(documents))
     ordered, taken = [], []
     for name, share in phases:
@@ -197,17 +200,22 @@ def _pretrain(out: Path, recipe: Recipe, seed: int, paths: dict, done, log) -> N
     docs = D.read_lm_documents(paths["lm"])
     held = max(20, len(docs) // 50)
     cfg = L.LMTraining(steps=recipe.lm_steps, batch=recipe.lm_batch, seq=recipe.lm_seq)
-    places = D.read_lm_documents(paths["lm_places"]) if any(name == "places" for name, _ in recipe.lm_phases) else []
+    wants_places = recipe.lm_late_places or any(name == "places" for name, _ in recipe.lm_phases)
+    places = D.read_lm_documents(paths["lm_places"]) if wants_places else []
     easy = int(recipe.sizes.lm_documents * recipe.sizes.lm_easy)
     ordered, phases = order_for_phases(docs[:-held], places, recipe.lm_phases, easy)
-    lm = L.pretrain_lm(out / "lm", ordered, docs[-held:], cfg=cfg, seed=seed, phases=phases, log=log)
+    shape = L.LMShape(heads=recipe.lm_heads, kv_heads=recipe.lm_heads)
+    lm = L.pretrain_lm(out / "lm", ordered, docs[-held:], shape=shape, cfg=cfg, seed=seed, phases=phases,
+                       late=(places, *recipe.lm_late_places) if recipe.lm_late_places else None, log=log)
     t_qa = time.time()
     qa = L.grid_qa_accuracy(out / "lm", per_kind=recipe.lm_probe, seed=seed) if recipe.lm_probe else {}
     if qa:
         log("language model on patch words (text only): " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in qa.items()))
     done("language", {"seconds": lm["seconds"] + time.time() - t_qa, **_curve(lm["loss"]), "heldout_loss": lm["heldout_loss"], "text_qa": qa,
                       "first_phases": [{"draws_on": name, "documents": n, "steps": int(share * cfg.steps)}
-                                       for (name, _), (n, share) in zip(recipe.lm_phases, phases)]})
+                                       for (name, _), (n, share) in zip(recipe.lm_phases, phases)],
+                      "late_places": {"documents": len(places), "from_step": int(recipe.lm_late_places[0] * cfg.steps),
+                                      "rows_per_batch": round(recipe.lm_late_places[1] * cfg.batch)} if recipe.lm_late_places else None})
 
 
 def write_examples(data_dir: Path, folder: Path) -> list[str]:
