@@ -340,7 +340,8 @@ def pretrain_lm(
     log(f"language held-out loss {held_loss:.4f}")
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
-    return {"loss": curve, "heldout_loss": held_loss, "seconds": time.time() - start}
+    mixed_in = {"documents": len(late[0]), "from_step": late_from, "rows_per_batch": late_count} if late else None
+    return {"loss": curve, "heldout_loss": held_loss, "seconds": time.time() - start, "late": mixed_in}
 
 
 @torch.no_grad()

@@ -214,8 +214,7 @@ def _pretrain(out: Path, recipe: Recipe, seed: int, paths: dict, done, log) -> N
     done("language", {"seconds": lm["seconds"] + time.time() - t_qa, **_curve(lm["loss"]), "heldout_loss": lm["heldout_loss"], "text_qa": qa,
                       "first_phases": [{"draws_on": name, "documents": n, "steps": int(share * cfg.steps)}
                                        for (name, _), (n, share) in zip(recipe.lm_phases, phases)],
-                      "late_places": {"documents": len(places), "from_step": int(recipe.lm_late_places[0] * cfg.steps),
-                                      "rows_per_batch": round(recipe.lm_late_places[1] * cfg.batch)} if recipe.lm_late_places else None})
+                      "late_places": lm["late"]})
 
 
 def write_examples(data_dir: Path, folder: Path) -> list[str]:
