@@ -110,16 +110,22 @@ def _prediction_row(record: dict, prediction: str, scored: evaluate.Scored) -> d
     }
 
 
+def _interval(acc: dict) -> str:
+    low, high = acc["interval"]
+    return f"{100 * low:.1f}-{100 * high:.1f}%"
+
+
 def summary_table(summary: dict) -> str:
-    """Per-kind accuracy next to chance, as plain text for a terminal; the POPE figures below."""
-    rows = [("kind", "n", "accuracy", "chance")]
+    """Per-kind accuracy with its 95% interval, next to chance, as plain text for a terminal; the POPE
+    figures below."""
+    rows = [("kind", "n", "accuracy", "95% interval", "chance")]
     for kind in summary["kinds"]:
         acc = summary["kinds"][kind]
         ch = summary["chance"][kind]
-        rows.append((kind, str(acc["n"]), f"{100 * acc['accuracy']:.1f}%", f"{100 * max(ch['majority'], ch['uniform']):.1f}%"))
+        rows.append((kind, str(acc["n"]), f"{100 * acc['accuracy']:.1f}%", _interval(acc), f"{100 * max(ch['majority'], ch['uniform']):.1f}%"))
     overall = summary["overall"]
-    rows.append(("all", str(overall["n"]), f"{100 * overall['accuracy']:.1f}%", ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    rows.append(("all", str(overall["n"]), f"{100 * overall['accuracy']:.1f}%", _interval(overall), ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths))).rstrip() for r in rows]
     yn = summary.get("yes/no")
     if yn:

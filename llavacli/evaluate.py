@@ -22,6 +22,7 @@ its `kind` implies (RULES), else normalised exact match:
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -209,10 +210,23 @@ def chance(records: Iterable[Mapping]) -> dict[str, dict]:
     return out
 
 
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Where the true accuracy plausibly lies after `correct` of `n` (95% by default): the Wilson score
+    interval, which unlike p +- z*sqrt(p(1-p)/n) stays inside [0, 1] and is not zero-wide at 0% or 100%.
+    On 250 questions a measured 94.4% spans 90.8-96.6%: two models 1 point apart are not told apart."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = correct / n
+    scale = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / scale
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / scale
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
 def _acc(values: list[bool]) -> dict:
     n = len(values)
     c = sum(values)
-    return {"n": n, "correct": c, "accuracy": c / n if n else 0.0}
+    return {"n": n, "correct": c, "accuracy": c / n if n else 0.0, "interval": wilson_interval(c, n)}
 
 
 __all__ = [
@@ -228,6 +242,7 @@ __all__ = [
     "parse_letter",
     "parse_yes_no",
     "pope_metrics",
+    "wilson_interval",
     "rule_for",
     "score",
     "summarize",

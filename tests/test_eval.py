@@ -54,7 +54,7 @@ def test_eval_predicts_as_ask_does_and_scores_by_each_kinds_rule(pair, images, a
     assert [r["question_id"] for r in rows] == [r["question_id"] for r in records]
     for row, record, image in zip(rows, records, [im for im in images.values() for _ in QUESTIONS]):
         assert row["prediction"] == asked[(str(image), record["text"])]
-    assert summary["kinds"]["shape"] == {"n": 3, "correct": 1, "accuracy": pytest.approx(1 / 3)}
+    assert summary["kinds"]["shape"] == {"n": 3, "correct": 1, "accuracy": pytest.approx(1 / 3), "interval": pytest.approx([0.0615, 0.7923], abs=1e-4)}
     # POPE figures follow from the predictions by LLaVA's reading of yes/no
     yn = [(r["answer"], evaluate.parse_yes_no(row["prediction"])) for r, row in zip(records, rows) if r["kind"] == "yes/no"]
     assert summary["yes/no"] == evaluate.pope_metrics([a for a, _ in yn], [p for _, p in yn])
@@ -71,8 +71,8 @@ def test_eval_prints_a_table_and_keeps_the_first_n_of_each_kind(pair, images, as
     proc = run_llava("eval", pair[0], questions, "--limit", "2", "-n", "8", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     table = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()}
-    assert table["a"][:2] == ["2", "100.0%"] and table["b"][:2] == ["2", "100.0%"]
-    assert table["all"] == ["4", "100.0%"]
+    assert table["a"][:3] == ["2", "100.0%", "34.2-100.0%"] and table["b"][:3] == ["2", "100.0%", "34.2-100.0%"]
+    assert table["all"] == ["4", "100.0%", "51.0-100.0%"]
     written = tmp_path / f"q.{pair[0].stem}.predictions.jsonl"
     assert len(written.read_text().splitlines()) == 4
 

@@ -132,11 +132,11 @@ def test_summary_gives_per_kind_accuracy_and_pope_figures():
     records = [colour("red", "c1"), colour("blue", "c2"), count("2"), choice("A"), yesno("yes"), yesno("no")]
     preds = ["red", "green", "two", "A.", "Yes.", "Yes, it is."]
     s = ev.summarize(records, preds)
-    assert s["kinds"]["colour"] == {"n": 2, "correct": 1, "accuracy": 0.5}
+    assert s["kinds"]["colour"] == {"n": 2, "correct": 1, "accuracy": 0.5, "interval": ev.wilson_interval(1, 2)}
     assert s["kinds"]["count"]["accuracy"] == 1.0
     assert s["kinds"]["multiple choice"]["accuracy"] == 1.0
     assert s["kinds"]["yes/no"]["accuracy"] == 0.5
-    assert s["overall"] == {"n": 6, "correct": 4, "accuracy": 4 / 6}
+    assert s["overall"] == {"n": 6, "correct": 4, "accuracy": 4 / 6, "interval": ev.wilson_interval(4, 6)}
     assert s["yes/no"]["yes_ratio"] == 1.0 and s["yes/no"]["recall"] == 1.0 and s["yes/no"]["precision"] == 0.5
 
 
@@ -165,3 +165,16 @@ def test_chance_levels():
     assert c["colour"]["uniform"] == pytest.approx(1 / 3)
     assert c["yes/no"] == {"majority": 0.5, "uniform": 0.5}
     assert c["multiple choice"]["uniform"] == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize(
+    "correct, n, low, high",
+    [
+        (0, 10, 0.0, 0.2775),  # not the zero-wide interval of p +- z*sqrt(p(1-p)/n) at 0%
+        (5, 10, 0.2366, 0.7634),
+        (236, 250, 0.9082, 0.9664),  # the demo model's shape: 94.4% does not settle a 95% target either way
+        (10, 10, 0.7225, 1.0),
+    ],
+)
+def test_accuracy_comes_with_its_wilson_interval(correct, n, low, high):
+    assert ev.wilson_interval(correct, n) == (pytest.approx(low, abs=1e-4), pytest.approx(high, abs=1e-4))
