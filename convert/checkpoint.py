@@ -178,6 +178,7 @@ def load_checkpoint(directory: Path, *, vision_tower: Path | None = None, fetch=
     else:
         kind = config.get("model_type") or ", ".join(archs) or "unknown"
         raise ConvertError(f"{directory}: config.json describes a {kind!r} model, not LLaVA")
+    _check_sizes(directory, ckpt)
     _check_complete(ckpt)
     trained = directory / "train_config.json"  # written by train/ beside the model: how it was trained
     if trained.is_file():
@@ -187,6 +188,19 @@ def load_checkpoint(directory: Path, *, vision_tower: Path | None = None, fetch=
         ckpt.template = template if template in TEMPLATES else DEFAULT_TEMPLATE
         ckpt.image_mode = cfg.get("image_mode") or (CROP if stage1 else PAD)
     return ckpt
+
+
+_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def _check_sizes(directory: Path, ckpt: Checkpoint) -> None:
+    """A size of 0 converts without complaint, and then llama.cpp aborts the process when it loads the file
+    (a language model without feed-forward layers: GGML_ASSERT in ggml_mul_mat)."""
+    for part, cfg in (("text_config", ckpt.text), ("vision_config", ckpt.vision)):
+        for key in _SIZES:
+            value = getattr(cfg, key, 1)
+            if value is not None and value < 1:
+                raise ConvertError(f"{directory}: {part}.{key} is {value}; llama.cpp cannot run a model without it")
 
 
 def _normalisation(*directories: Path) -> dict:

@@ -77,6 +77,7 @@ def _gguf_functions():
         "gguf_get_n_tensors": ([ctx], i64),
         "gguf_get_tensor_offset": ([ctx, i64], size),
         "gguf_get_tensor_size": ([ctx, i64], size),
+        "gguf_get_tensor_name": ([ctx, i64], ctypes.c_char_p),
         **{f"gguf_get_val_{name}": ([ctx, i64], ctype) for name, ctype in _SCALARS.values()},
     }
     for name, (argtypes, restype) in signatures.items():
@@ -124,8 +125,12 @@ def read_gguf(path: Path, role: str = "model") -> GGUFInfo:
         ends = [lib.gguf_get_tensor_offset(ctx, i) + lib.gguf_get_tensor_size(ctx, i)
                 for i in range(lib.gguf_get_n_tensors(ctx))]
         expected = lib.gguf_get_data_offset(ctx) + max(ends) if ends else 0
+        empty = next((lib.gguf_get_tensor_name(ctx, i).decode("utf-8", errors="replace")
+                      for i in range(lib.gguf_get_n_tensors(ctx)) if lib.gguf_get_tensor_size(ctx, i) == 0), None)
     finally:
         lib.gguf_free(ctx)
+    if empty:  # llama.cpp loads it, then aborts the process in the first matrix product
+        raise ModelError(f"{role} {path}: tensor {empty} is empty (a dimension of 0); llama.cpp cannot run it")
     if path.stat().st_size < expected:
         raise ModelError(f"{role} {path}: truncated GGUF file ({path.stat().st_size} of {expected} bytes)")
     return GGUFInfo(path, fields.get(ARCHITECTURE_KEY, ""), fields)

@@ -231,6 +231,7 @@ def test_bad_model_files_give_a_one_line_error(pair, images, tmp_path, checkpoin
     from llavacli.backend import CONFORMANCE_DIR
 
     other_width = CONFORMANCE_DIR / "tiny.mmproj.gguf"  # a 32-wide projector against a 96-wide LLM
+    no_feed_forward = _gguf_with_an_empty_tensor(tmp_path / "no-ff.gguf")
     img = images["square"]
     _one_line_error(run_llava("ask", img, PROMPT, "-m", truncated, "--mmproj", mmproj), 1, "truncated")
     _one_line_error(run_llava("ask", img, PROMPT, "-m", not_gguf, "--mmproj", mmproj), 1, "not a GGUF")
@@ -238,6 +239,24 @@ def test_bad_model_files_give_a_one_line_error(pair, images, tmp_path, checkpoin
     _one_line_error(run_llava("ask", img, PROMPT, "-m", text, "--mmproj", text), 1, "not an mmproj")
     _one_line_error(run_llava("ask", img, PROMPT, "-m", text, "--mmproj", other_width), 1, "not a pair")
     _one_line_error(run_llava("ask", img, PROMPT, "-m", "no-such-model"), 1, "no-such-model")
+    # llama.cpp would load it and abort the process in its first matrix product
+    _one_line_error(run_llava("ask", img, PROMPT, "-m", no_feed_forward, "--mmproj", mmproj), 1, "ffn_down.weight is empty")
+
+
+def _gguf_with_an_empty_tensor(path):
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_embedding_length(96)
+    writer.add_feed_forward_length(0)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 96), np.float32))
+    writer.add_tensor("blk.0.ffn_down.weight", np.zeros((96, 0), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
 
 
 def test_a_prompt_longer_than_the_context_names_the_limit(pair, images):

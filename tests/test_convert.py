@@ -111,6 +111,18 @@ def test_a_missing_vision_tower(checkpoints, tmp_path):
     assert run_llava("convert", moved, tmp_path / "out", "--vision-tower", tower).returncode == 0
 
 
+def test_a_model_with_a_size_of_zero_is_refused(checkpoints, tmp_path):
+    """It would convert, and llama.cpp would then abort the process loading it."""
+    src, _ = checkpoints.source("hf15")
+    copy = tmp_path / "no-ff"
+    shutil.copytree(src, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["text_config"]["intermediate_size"] = 0
+    (copy / "config.json").write_text(json.dumps(config))
+    _one_line_error(run_llava("convert", copy, tmp_path / "out"), 1, "text_config.intermediate_size is 0")
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_outtype_is_a_usage_error(checkpoints, tmp_path):
     src, _ = checkpoints.source("hf15")
     _one_line_error(run_llava("convert", src, tmp_path / "out", "--outtype", "q3"), 2, "--outtype")
