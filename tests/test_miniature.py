@@ -36,6 +36,19 @@ def test_each_stage_loss_falls(quick_run, stage):
 
 
 @pytest.mark.slow
+def test_the_same_seed_makes_the_same_files(quick_run, tmp_path):
+    """Byte for byte: without torch's deterministic kernels two runs on two threads drift apart in the
+    language model's training, and at full size learn different lookups (docs/demo-model.md)."""
+    run = subprocess.run(
+        [sys.executable, "-m", "train.miniature", "--out", str(tmp_path), "--quick", "--no-eval", "--threads", "2"],
+        capture_output=True, text=True, timeout=1800, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    for name in ("demo.gguf", "demo.mmproj.gguf"):
+        assert (tmp_path / "gguf" / name).read_bytes() == (quick_run / "gguf" / name).read_bytes(), name
+
+
+@pytest.mark.slow
 def test_the_language_models_first_phase_is_the_easy_scenes(quick_run):
     from train.miniature import data as D
     from train.miniature.recipe import QUICK
@@ -52,12 +65,12 @@ def test_the_language_models_first_phase_is_the_easy_scenes(quick_run):
 def test_lm_phases_and_heads_reach_the_language_model(tmp_path):
     """`--lm-phases places:0.25,facts:0.2` reaches the trainer: all the by-place questions, then every facts
     document; `--lm-late-places 0.5:0.25` mixes them into the second half's batches, 2 rows of 8; `--lm-heads 4`
-    gives the saved language model four heads."""
+    and `--lm-ff 96` give the saved language model four heads and feed-forward layers 96 wide."""
     from train.miniature import data as D
     from train.miniature.recipe import QUICK
 
     run = subprocess.run(
-        [sys.executable, "-m", "train.miniature", "--out", str(tmp_path), "--quick", "--lm-phases", "places:0.25,facts:0.2", "--lm-late-places", "0.5:0.25", "--lm-heads", "4", "--no-eval", "--threads", "1"],
+        [sys.executable, "-m", "train.miniature", "--out", str(tmp_path), "--quick", "--lm-phases", "places:0.25,facts:0.2", "--lm-late-places", "0.5:0.25", "--lm-heads", "4", "--lm-ff", "96", "--no-eval", "--threads", "1"],
         capture_output=True, text=True, timeout=1800, cwd=Path(__file__).resolve().parents[1],
     )
     assert run.returncode == 0, run.stderr[-3000:]
@@ -72,7 +85,7 @@ def test_lm_phases_and_heads_reach_the_language_model(tmp_path):
     assert phase["late_places"] == {"documents": QUICK.sizes.lm_place_questions, "from_step": QUICK.lm_steps // 2, "rows_per_batch": 2}
     assert phase["loss_end"] < phase["loss_start"]
     config = json.loads((tmp_path / "lm" / "config.json").read_text())
-    assert (config["num_attention_heads"], config["num_key_value_heads"], config["hidden_size"]) == (4, 4, 192)
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["hidden_size"], config["intermediate_size"]) == (4, 4, 192, 96)
 
 
 def test_lm_phases_that_make_no_sense_are_refused_in_one_line():
@@ -83,7 +96,7 @@ def test_lm_phases_that_make_no_sense_are_refused_in_one_line():
     assert run.returncode == 2 and "leave steps for the whole text" in run.stderr and "Traceback" not in run.stderr
 
 
-@pytest.mark.parametrize("option", [["--lm-late-places", "0.6"], ["--lm-late-places", "1:0.1"], ["--lm-heads", "5"]])
+@pytest.mark.parametrize("option", [["--lm-late-places", "0.6"], ["--lm-late-places", "1:0.1"], ["--lm-heads", "5"], ["--lm-ff", "0"]])
 def test_language_model_options_out_of_range_are_refused_in_one_line(option):
     run = subprocess.run(
         [sys.executable, "-m", "train.miniature", "--out", "unused", *option],

@@ -1,4 +1,4 @@
-"""`python -m train.miniature --out DIR [--quick] [--seed N] [--install] [--no-eval] [--lm-phases SPEC] [--lm-late-places FROM:SHARE] [--lm-heads N] [--stage1-facts SHARE]`: the demo model from scratch."""
+"""`python -m train.miniature --out DIR [--quick] [--seed N] [--install] [--no-eval] [--lm-phases SPEC] [--lm-late-places FROM:SHARE] [--lm-heads N] [--lm-ff N] [--stage1-facts SHARE]`: the demo model from scratch."""
 
 from __future__ import annotations
 
@@ -38,8 +38,10 @@ def phases_spec(text: str) -> tuple[tuple[str, float], ...]:
     return tuple(phases)
 
 
-def late_spec(text: str) -> tuple[float, float]:
-    """"0.6:0.125" -> (0.6, 0.125)."""
+def late_spec(text: str) -> tuple[float, float] | tuple[()]:
+    """"0.6:0.125" -> (0.6, 0.125); "none" -> ()."""
+    if text.strip() == "none":
+        return ()
     start, _, rows = text.partition(":")
     try:
         pair = (float(start), float(rows))
@@ -48,6 +50,17 @@ def late_spec(text: str) -> tuple[float, float]:
     if not (0 <= pair[0] < 1 and 0 < pair[1] < 1):
         raise argparse.ArgumentTypeError(f"{text!r}: expected FROM:SHARE, FROM at least 0 and below 1, SHARE between 0 and 1")
     return pair
+
+
+def feed_forward_width(text: str) -> int:
+    """1 to 4096: llama.cpp cannot run a language model without feed-forward layers (convert refuses 0)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 4096:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number from 1 to 4096")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,9 +84,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="share of the stage-1 pairs that state the scene's facts instead of a brief caption (default 0)")
     parser.add_argument("--lm-late-places", type=late_spec, default=None, metavar="FROM:SHARE",
                         help="from this share of the language model's steps on, this share of every batch is by-place "
-                        "questions (data.place_question_document), e.g. 0.6:0.125 (default: none)")
+                        "questions (data.place_question_document) (default "
+                        + (":".join(map(str, Recipe.lm_late_places)) if Recipe.lm_late_places else "none") + "; 'none' for none)")
     parser.add_argument("--lm-heads", type=int, choices=(1, 2, 3, 4, 6, 8), default=None, metavar="N",
                         help=f"the language model's attention heads, dividing its width of 192 (default {Recipe.lm_heads})")
+    parser.add_argument("--lm-ff", type=feed_forward_width, default=None, metavar="N",
+                        help=f"the width of the language model's feed-forward layers, 1 to 4096 (default {Recipe.lm_ff})")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for stages 1 and 2 (default 2)")
     args = parser.parse_args(argv)
 
@@ -87,9 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage1_facts is not None:
         recipe = replace(recipe, sizes=replace(recipe.sizes, stage1_facts=args.stage1_facts))
     if args.lm_late_places is not None:
-        recipe = replace(recipe, lm_late_places=args.lm_late_places)
+        recipe = replace(recipe, lm_late_places=args.lm_late_places or None)
     if args.lm_heads is not None:
         recipe = replace(recipe, lm_heads=args.lm_heads)
+    if args.lm_ff is not None:
+        recipe = replace(recipe, lm_ff=args.lm_ff)
     if args.lm_phases is not None:
         recipe = replace(recipe, lm_phases=args.lm_phases)
     from llavacli.errors import LlavaError

@@ -54,6 +54,7 @@ class Recipe:
     # (from, share): from that share of the language model's steps on, that share of every batch is by-place questions
     lm_late_places: tuple[float, float] | None = None
     lm_heads: int = 3  # attention heads of the language model (its width stays 192, so each head is 192 / lm_heads wide)
+    lm_ff: int = 512  # the width of its feed-forward layers (LLaMA's intermediate_size)
     stage1: StageSettings = StageSettings(epochs=1.0, batch=32, lr=1e-3)
     stage2: StageSettings = StageSettings(epochs=3.0, batch=32, lr=1e-3)
     eval_limit: int = 100  # questions per kind in the transformers evaluation (0: all)
@@ -204,7 +205,7 @@ def _pretrain(out: Path, recipe: Recipe, seed: int, paths: dict, done, log) -> N
     places = D.read_lm_documents(paths["lm_places"]) if wants_places else []
     easy = int(recipe.sizes.lm_documents * recipe.sizes.lm_easy)
     ordered, phases = order_for_phases(docs[:-held], places, recipe.lm_phases, easy)
-    shape = L.LMShape(heads=recipe.lm_heads, kv_heads=recipe.lm_heads)
+    shape = L.LMShape(heads=recipe.lm_heads, kv_heads=recipe.lm_heads, ff=recipe.lm_ff)
     lm = L.pretrain_lm(out / "lm", ordered, docs[-held:], shape=shape, cfg=cfg, seed=seed, phases=phases,
                        late=(places, *recipe.lm_late_places) if recipe.lm_late_places else None, log=log)
     t_qa = time.time()
@@ -243,6 +244,11 @@ def build(
     import torch
 
     log = log or (lambda text: print(f"[miniature] {text}", file=sys.stderr, flush=True))
+    # Seeded is not enough for the same files: with two threads some of torch's CPU kernels add in the order
+    # the threads finish, and the language model of two runs drifts apart from its 6th step on, until they
+    # learn different lookups (docs/demo-model.md, "Two runs, two models"). Deterministic mode picks kernels
+    # that do not.
+    torch.use_deterministic_algorithms(True, warn_only=True)
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"recipe": asdict(recipe), "seed": seed, "phases": {}}
