@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # as the recipe: one seed, one result (recipe.build)
     shape = L.LMShape(hidden=args.hidden, ff=args.ff, layers=args.layers, heads=args.heads, kv_heads=args.heads)
     probe = Probe(ask=args.ask, facts=args.facts, steps=args.steps, batch=args.batch, lr=args.lr, every=args.every,
                   held_out=args.held_out, shape=shape, seed=args.seed, place_steps=args.place_steps)
